@@ -1,0 +1,204 @@
+"""File helpers shared by the stages: local paths and ``gs://`` alike, atomic writes, checksums.
+
+Every stage output goes through :func:`atomic_write_bytes` (or its text/JSON siblings) so a
+reader never sees a half-written file: on a local disk the data goes to a temporary name in
+the same directory, is fsync'ed and then ``os.replace``'d over the target (atomic on POSIX);
+on Cloud Storage an object only becomes visible once its upload completes, which gives the
+same guarantee without the rename.
+
+Paths are handled through ``etils.epath`` (already a dependency of orbax), so ``gs://bucket/x``
+works wherever a local path does as long as the GCS backend (``gcsfs`` or ``tensorflow``) is
+installed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import tempfile
+from typing import Any, BinaryIO, Iterator
+
+from etils import epath
+
+
+_CHUNK = 1 << 20
+
+
+def as_path(path) -> epath.Path:
+    """Returns an ``epath.Path`` for a local path or a ``gs://`` URL."""
+    if isinstance(path, epath.Path):
+        return path
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path must be a str or os.PathLike, got {type(path).__name__}: {path!r}")
+    return epath.Path(path)
+
+
+def is_remote(path) -> bool:
+    """True for object-store URLs (``gs://``, ``s3://``...), which have no atomic rename."""
+    return "://" in os.fspath(path) if isinstance(path, (str, os.PathLike)) else "://" in str(path)
+
+
+def join(path, *parts) -> epath.Path:
+    return as_path(path).joinpath(*parts)
+
+
+def exists(path) -> bool:
+    return as_path(path).exists()
+
+
+def makedirs(path) -> epath.Path:
+    p = as_path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def open_path(path, mode: str = "rb"):
+    """Opens a local or remote file. ``.gz`` files are (de)compressed transparently.
+
+    Text modes use UTF-8 with strict error handling; callers that must survive bad bytes
+    (the corpus reader) open in binary mode and decode line by line instead.
+    """
+    p = as_path(path)
+    if mode not in ("r", "rb", "w", "wb", "rt", "wt"):
+        raise ValueError(f"open_path mode must be one of r, rb, rt, w, wb, wt; got {mode!r}")
+    binary = "b" in mode
+    raw_mode = ("r" if "r" in mode else "w") + "b"
+    f: BinaryIO = p.open(raw_mode)
+    if str(p).endswith(".gz"):
+        f = _OwningGzipFile(fileobj=f, mode=raw_mode)
+    if binary:
+        return f
+    return io.TextIOWrapper(f, encoding="utf-8", newline="")
+
+
+class _OwningGzipFile(gzip.GzipFile):
+    """A GzipFile that also closes the (possibly remote) file object it wraps."""
+
+    def close(self):
+        under = self.fileobj
+        try:
+            super().close()
+        finally:
+            if under is not None:
+                under.close()
+
+
+def iter_lines_bytes(path) -> Iterator[bytes]:
+    """Yields the raw lines of a (possibly gzipped) file without their line terminator."""
+    with open_path(path, "rb") as f:
+        for line in f:
+            if line.endswith(b"\n"):
+                line = line[:-1]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            yield line
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` so that readers see either the old file or the new one."""
+    p = as_path(path)
+    if is_remote(p):
+        # Object stores publish an object only when its upload finishes: already atomic.
+        p.write_bytes(data)
+        return
+    directory = os.path.dirname(os.path.abspath(os.fspath(p))) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600; outputs are meant to be shared
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.fspath(p))
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path, obj: Any, *, indent: int | None = 2) -> None:
+    """Atomically writes ``obj`` as JSON (UTF-8, keys sorted for reproducible files)."""
+    atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def atomic_write_jsonl(path, records) -> int:
+    """Atomically writes an iterable of JSON-serialisable records, one per line. Returns the count."""
+    lines = [json.dumps(r, ensure_ascii=False, sort_keys=True) for r in records]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def read_json(path) -> Any:
+    with open_path(path, "rb") as f:
+        data = f.read()
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def read_jsonl(path) -> list:
+    """Reads a JSON Lines file; a bad line raises ``ValueError`` naming ``path:line``."""
+    out = []
+    for lineno, raw in enumerate(iter_lines_bytes(path), start=1):
+        if not raw.strip():
+            continue
+        try:
+            out.append(json.loads(raw.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
+    return out
+
+
+def sha256_file(path) -> str:
+    """Hex SHA-256 of a file's bytes (streamed, so multi-GB checkpoints are fine)."""
+    h = hashlib.sha256()
+    with as_path(path).open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tree_checksum(path, *, exclude_hidden: bool = True) -> str:
+    """SHA-256 over every file below ``path``: relative names and contents, in sorted order.
+
+    A single file is hashed by content alone. Hidden files (``.foo``, e.g. temp files of an
+    unfinished atomic write) are left out by default so they cannot change the checksum.
+    """
+    root = as_path(path)
+    if not root.exists():
+        raise ValueError(f"tree_checksum: {path} does not exist")
+    if not root.is_dir():
+        return sha256_file(root)
+    files = []
+    stack = [(root, "")]
+    while stack:  # explicit walk: epath refuses recursive globs on GCS
+        d, prefix = stack.pop()
+        for f in d.iterdir():
+            if exclude_hidden and f.name.startswith("."):
+                continue
+            rel = prefix + f.name
+            if f.is_dir():
+                stack.append((f, rel + "/"))
+            else:
+                files.append((rel, f))
+    h = hashlib.sha256()
+    for rel, f in sorted(files, key=lambda t: t[0]):
+        h.update(rel.encode("utf-8") + b"\0" + sha256_file(f).encode("ascii") + b"\n")
+    return h.hexdigest()
+
+
+def json_hash(obj: Any) -> str:
+    """Stable SHA-256 of a JSON-serialisable object (keys sorted, no whitespace)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
