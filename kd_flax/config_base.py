@@ -1,0 +1,426 @@
+"""The config every recipe starts from, the mesh presets, and config validation.
+
+Recipes in `configs/` call `base_config()` and change what they need, so every config
+has the same keys; `validate()` then checks a finished config (after command-line
+overrides) before any work starts and reports every problem in one message that
+names the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+# ---------------------------------------------------------------------------
+# Mesh presets: mesh axes and the logical-axis → mesh-axis rules for each target.
+# "data" carries the batch, "fsdp" shards parameters *and* the batch (ZeRO-3 style),
+# "model" is tensor parallelism over heads / mlp / vocab.
+# ---------------------------------------------------------------------------
+
+_TP_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "model"),
+    ("kv", None),
+    ("mlp", "model"),
+    ("vocab", "model"),
+    ("layers", None),
+    ("rel_pos", None),
+)
+
+MESH_PRESETS: dict[str, dict[str, Any]] = {
+    # CPU (and the tests' 8 fake devices): everything on the data axis.
+    "cpu": {"axes": {"data": -1, "fsdp": 1, "model": 1}, "rules": _TP_RULES},
+    "gpu_1": {"axes": {"data": 1, "fsdp": 1, "model": 1}, "rules": _TP_RULES},
+    # One 8-GPU node: FSDP inside the node keeps T5-3B-sized teachers in memory.
+    "gpu_8": {"axes": {"data": 1, "fsdp": 8, "model": 1}, "rules": _TP_RULES},
+    # v4-8: 4 chips (8 TensorCores seen as 4 devices with megacore).
+    "tpu_v4_8": {"axes": {"data": 1, "fsdp": 4, "model": 1}, "rules": _TP_RULES},
+    # v5e-16: 16 chips, 16 GiB each: 2-way tensor parallel for 3B teachers.
+    "tpu_v5e_16": {"axes": {"data": 2, "fsdp": 4, "model": 2}, "rules": _TP_RULES},
+    # v5p-64: 32 chips (megacore): data × fsdp × model.
+    "tpu_v5p_64": {"axes": {"data": 4, "fsdp": 4, "model": 2}, "rules": _TP_RULES},
+}
+
+
+def mesh_config(preset: str) -> ml_collections.ConfigDict:
+    if preset not in MESH_PRESETS:
+        raise ValueError(f"mesh preset {preset!r} is unknown; allowed: {sorted(MESH_PRESETS)}")
+    p = MESH_PRESETS[preset]
+    return ml_collections.ConfigDict(
+        {"preset": preset, "axes": dict(p["axes"]), "rules": tuple(p["rules"])})
+
+
+# ---------------------------------------------------------------------------
+# The base config
+# ---------------------------------------------------------------------------
+
+
+def train_block(**overrides) -> dict:
+    """The training sub-config shared by `finetune` (teacher) and `distill` (student)."""
+    block = {
+        "steps": 1000,
+        "batch_size": 32,
+        "grad_accum": 1,
+        "eval_every": 500,
+        "eval_max_examples": 500,
+        "checkpoint_every": 500,
+        "log_every": 50,
+        "keep_best_by": "bleu",
+        "dtype": "float32",
+        "remat": False,
+        "max_nan_steps": 10,
+        "optimizer": {
+            "name": "adamw",
+            "learning_rate": 1e-3,
+            "warmup_steps": 100,
+            "schedule": "cosine",
+            "weight_decay": 0.01,
+            "grad_clip_norm": 1.0,
+            "b1": 0.9,
+            "b2": 0.98,
+        },
+        "loss": {
+            "ce_weight": 1.0,
+            "label_smoothing": 0.0,
+            "smoothing": "fairseq",
+            "kd_weight": 0.0,
+            "kd_type": "kl",
+            "temperature": 1.0,
+            "lam": 0.5,
+            "beta": 0.5,
+            "fused": False,
+            "hidden_weight": 0.0,
+            "attention_weight": 0.0,
+        },
+    }
+    _deep_update(block, overrides)
+    return block
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = {
+        "name": "custom",
+        "seed": 0,
+        "mesh": mesh_config("cpu").to_dict(),
+        "data": {
+            "train": "",
+            "dev": "",
+            "test": [],
+            "src_lang": "en",
+            "tgt_lang": "fr",
+            "source_prefix": "",
+            "max_source_length": 128,
+            "max_target_length": 128,
+            "bucket_boundaries": (16, 32, 64, 128),
+            "max_train_examples": 0,
+        },
+        "teacher": {
+            "path": "",
+            "init": "pretrained",
+            "model": {},
+            "tokenizer": "",
+            "dtype": "float32",
+        },
+        "finetune": train_block(steps=0),
+        "generate": {
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "max_new_tokens": 128,
+            "length_penalty": 1.0,
+            "early_stopping": True,
+            "do_sample": False,
+            "temperature": 1.0,
+            "top_k": 0,
+            "top_p": 1.0,
+            "seed": 0,
+            "batch_size": 32,
+            "shard_size": 1000,
+            "select": "best",
+            "write_nbest": False,
+            "filters": {"max_length_ratio": 0.0, "min_score": -1e9, "min_ref_chrf": 0.0},
+        },
+        "student": {
+            "init": "layer_copy",
+            "path": "",
+            "encoder_layers": 0,
+            "decoder_layers": 0,
+            "layer_map": {"encoder": [], "decoder": []},
+            "model": {},
+            "quant": {"weight_bits": 0, "act_bits": 0, "granularity": "channel"},
+        },
+        "distill": dict(train_block(), stages=[{"targets": "pseudo", "steps": 1000}]),
+        "evaluate": {"splits": [], "num_beams": 4, "max_new_tokens": 128, "batch_size": 32,
+                     "models": ["teacher", "student"]},
+        "export": {"formats": ["hf", "int"]},
+        # Named variations of the student run, each a dict of dotted-key overrides
+        # ("student.quant.weight_bits": 8, ...). Empty = one student named "student".
+        "variants": {},
+    }
+    return ml_collections.ConfigDict(c)
+
+
+def _deep_update(dst: dict, src: dict) -> dict:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
+    return dst
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+    """Parse a recipe argument `tiny,mesh=tpu_v4_8` into `{"tiny": "", "mesh": "tpu_v4_8"}`."""
+    out: dict[str, str] = {}
+    for part in (arg or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        k, _, v = part.partition("=")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
+    """Set dotted keys (`"student.quant.weight_bits": 8`) on a config, refusing unknown keys."""
+    for dotted, value in overrides.items():
+        node = config
+        parts = dotted.split(".")
+        for p in parts[:-1]:
+            if p not in node:
+                raise ValueError(f"override {dotted!r}: unknown key {p!r}")
+            node = node[p]
+        if parts[-1] not in node and parts[0] not in FREE_FORM:
+            raise ValueError(f"override {dotted!r}: unknown key {parts[-1]!r}")
+        with node.unlocked() if hasattr(node, "unlocked") else _nullcontext():
+            node[parts[-1]] = value
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------
+
+# Subtrees whose keys are free-form (HF-style model config overrides, variants).
+FREE_FORM = ("teacher.model", "student.model", "variants", "mesh.axes")
+
+CHOICES = {
+    "teacher.init": ("pretrained", "scratch"),
+    "teacher.dtype": ("float32", "bfloat16"),
+    "student.init": ("layer_copy", "scratch", "pretrained"),
+    "student.quant.weight_bits": (0, 2, 4, 8),
+    "student.quant.act_bits": (0, 8),
+    "student.quant.granularity": ("channel", "tensor"),
+    "generate.select": ("best", "bleu", "chrf"),
+    "export.formats[]": ("hf", "int"),
+    "evaluate.models[]": ("teacher", "student"),
+}
+for _blk in ("finetune", "distill"):
+    CHOICES.update({
+        f"{_blk}.keep_best_by": ("bleu", "chrf", "loss"),
+        f"{_blk}.dtype": ("float32", "bfloat16"),
+        f"{_blk}.optimizer.name": ("adamw", "adafactor"),
+        f"{_blk}.optimizer.schedule": ("constant", "linear", "cosine", "rsqrt"),
+        f"{_blk}.loss.smoothing": ("fairseq", "uniform"),
+        f"{_blk}.loss.kd_type": ("kl", "interpolated", "reverse_kl", "jsd", "topk"),
+    })
+
+# (low, high, low_inclusive, high_inclusive)
+RANGES = {
+    "generate.num_beams": (1, None, True, True),
+    "generate.num_return_sequences": (1, None, True, True),
+    "generate.max_new_tokens": (1, None, True, True),
+    "generate.temperature": (0, None, False, True),
+    "generate.top_k": (0, None, True, True),
+    "generate.top_p": (0, 1, False, True),
+    "generate.batch_size": (1, None, True, True),
+    "generate.shard_size": (1, None, True, True),
+    "data.max_source_length": (1, None, True, True),
+    "data.max_target_length": (1, None, True, True),
+    "evaluate.num_beams": (1, None, True, True),
+    "evaluate.batch_size": (1, None, True, True),
+}
+for _blk in ("finetune", "distill"):
+    RANGES.update({
+        f"{_blk}.steps": (0, None, True, True),
+        f"{_blk}.batch_size": (1, None, True, True),
+        f"{_blk}.grad_accum": (1, None, True, True),
+        f"{_blk}.eval_every": (0, None, True, True),
+        f"{_blk}.checkpoint_every": (0, None, True, True),
+        f"{_blk}.optimizer.learning_rate": (0, None, False, True),
+        f"{_blk}.optimizer.warmup_steps": (0, None, True, True),
+        f"{_blk}.loss.label_smoothing": (0, 1, True, False),
+        f"{_blk}.loss.temperature": (0, None, False, True),
+        f"{_blk}.loss.lam": (0, 1, True, True),
+        f"{_blk}.loss.beta": (0, 1, False, False),
+        f"{_blk}.loss.kd_weight": (0, None, True, True),
+        f"{_blk}.loss.ce_weight": (0, None, True, True),
+        f"{_blk}.loss.hidden_weight": (0, None, True, True),
+        f"{_blk}.loss.attention_weight": (0, None, True, True),
+    })
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names every bad key and what is allowed."""
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if isinstance(v, dict) and not any(key == f for f in FREE_FORM):
+                out.update(_flatten(v, key))
+            else:
+                out[key] = v
+    return out
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple)) or (isinstance(value, str))
+    return True
+
+
+def _type_name(default: Any) -> str:
+    if isinstance(default, bool):
+        return "bool"
+    if isinstance(default, (list, tuple)):
+        return "list"
+    return type(default).__name__
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path or path.startswith("hf:")
+
+
+def _path_exists(spec: str) -> bool:
+    """A data spec or model path exists: plain path, `a+b` pair, or `{lang}` template."""
+    if _is_remote(spec):
+        return True
+    if "{lang}" in spec:
+        return True  # checked with the languages by data.py, which names the file
+    return all(os.path.exists(p) for p in spec.split("+"))
+
+
+def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> None:
+    """Check keys, types, choices, ranges and paths; raise one ConfigError listing all problems."""
+    cfg = config.to_dict()
+    base = _flatten(base_config().to_dict())
+    flat = _flatten(cfg)
+    problems: list[str] = []
+
+    for key in sorted(set(flat) - set(base)):
+        if not any(key.startswith(f + ".") or key == f for f in FREE_FORM):
+            parent = key.rsplit(".", 1)[0] if "." in key else ""
+            siblings = sorted(k.rsplit(".", 1)[-1] for k in base
+                              if (k.rsplit(".", 1)[0] if "." in k else "") == parent)
+            problems.append(f"{key}: unknown key; allowed keys here: {siblings}")
+    for key in sorted(set(base) - set(flat)):
+        problems.append(f"{key}: missing (recipes must start from kd_flax.config_base.base_config())")
+
+    for key, value in flat.items():
+        if key not in base:
+            continue
+        default = base[key]
+        if not _type_ok(value, default):
+            problems.append(f"{key}: expected {_type_name(default)}, got {type(value).__name__} {value!r}")
+            continue
+        if key in CHOICES and value not in CHOICES[key]:
+            problems.append(f"{key}: {value!r} is not allowed; allowed values: {list(CHOICES[key])}")
+        if key + "[]" in CHOICES and isinstance(value, (list, tuple)):
+            bad = [v for v in value if v not in CHOICES[key + "[]"]]
+            if bad:
+                problems.append(f"{key}: {bad} not allowed; allowed values: {list(CHOICES[key + '[]'])}")
+        if key in RANGES and isinstance(value, (int, float)):
+            lo, hi, lo_inc, hi_inc = RANGES[key]
+            bad = (lo is not None and (value < lo or (value == lo and not lo_inc))) or (
+                hi is not None and (value > hi or (value == hi and not hi_inc)))
+            if bad:
+                lb = "[" if lo_inc else "("
+                rb = "]" if hi_inc else ")"
+                problems.append(f"{key}: {value!r} out of range; allowed: {lb}{lo}, {'∞' if hi is None else hi}{rb}")
+
+    # Cross-key rules.
+    if cfg["generate"]["num_return_sequences"] > cfg["generate"]["num_beams"] and not cfg["generate"]["do_sample"]:
+        problems.append("generate.num_return_sequences: must be ≤ generate.num_beams "
+                        f"({cfg['generate']['num_beams']}) for beam search")
+    if cfg["generate"]["select"] in ("bleu", "chrf") and cfg["generate"]["num_return_sequences"] < 2:
+        problems.append("generate.select: 'bleu'/'chrf' (SeqInter) needs generate.num_return_sequences ≥ 2")
+    for i, st in enumerate(cfg["distill"]["stages"]):
+        if not isinstance(st, dict) or not {"targets", "steps"} <= set(st) <= {"targets", "steps", "quant"}:
+            problems.append(f"distill.stages[{i}]: expected {{'targets': 'pseudo'|'gold', 'steps': int, "
+                            f"optional 'quant': bool}}, got {st!r}")
+        elif st["targets"] not in ("pseudo", "gold") or not isinstance(st["steps"], int) or st["steps"] < 0 \
+                or not isinstance(st.get("quant", True), bool):
+            problems.append(f"distill.stages[{i}]: targets must be 'pseudo' or 'gold', steps an int ≥ 0 and "
+                            f"quant a bool, got {st!r}")
+    for name, ov in cfg["variants"].items():
+        if not isinstance(ov, dict):
+            problems.append(f"variants.{name}: expected a dict of dotted-key overrides, got {ov!r}")
+            continue
+        for dotted in ov:
+            if dotted not in base and not any(dotted.startswith(f + ".") for f in FREE_FORM) \
+                    and dotted not in ("distill.stages",):
+                problems.append(f"variants.{name}: override key {dotted!r} is not a config key")
+    axes = cfg["mesh"]["axes"]
+    if not isinstance(axes, dict) or not all(isinstance(v, int) for v in axes.values()):
+        problems.append(f"mesh.axes: expected a dict of axis name → int size (-1 = the rest), got {axes!r}")
+    if cfg["teacher"]["init"] == "pretrained" and not cfg["teacher"]["path"]:
+        problems.append("teacher.path: required when teacher.init='pretrained' (an HF checkpoint dir)")
+    if cfg["teacher"]["init"] == "scratch" and cfg["finetune"]["steps"] <= 0:
+        problems.append("finetune.steps: must be > 0 when teacher.init='scratch' (the teacher is trained here)")
+    if cfg["student"]["init"] == "pretrained" and not cfg["student"]["path"]:
+        problems.append("student.path: required when student.init='pretrained'")
+
+    if check_paths:
+        for key in ("teacher.path", "student.path", "teacher.tokenizer", "data.train", "data.dev"):
+            v = flat.get(key)
+            if isinstance(v, str) and v and not _path_exists(v):
+                problems.append(f"{key}: path {v!r} does not exist")
+        for v in cfg["data"]["test"] if isinstance(cfg["data"]["test"], (list, tuple)) else [cfg["data"]["test"]]:
+            if isinstance(v, str) and v and not _path_exists(v):
+                problems.append(f"data.test: path {v!r} does not exist")
+
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def config_hash(obj: Any) -> str:
+    """A stable hash of a config subtree (dict / ConfigDict / value)."""
+    if isinstance(obj, ml_collections.ConfigDict):
+        obj = obj.to_dict()
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += diff_keys(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if json.dumps(old, sort_keys=True, default=str) != json.dumps(new, sort_keys=True, default=str):
+        return [prefix or "<root>"]
+    return []

@@ -1,0 +1,114 @@
+"""A synthetic translation task with several valid targets per source (for the CPU demo).
+
+Why this task: SeqKD helps most when the training targets are *multi-modal* — the same
+source has several correct translations and the gold data mixes them at random (Zhou et
+al., 2020, "Understanding Knowledge Distillation in Non-autoregressive Machine
+Translation"). A teacher commits to one mode per sentence; its pseudo-labels are
+therefore simpler to learn than the gold mixture.
+
+The "languages": source words are pseudo-words built from syllables; every source word
+has `num_modes` target synonyms, and a sentence is translated in one *mode* (dialect),
+drawn per sentence with unequal probabilities, so all words of a sentence use the same
+synonym set. Word order: adjacent word pairs are swapped (a local reordering that needs
+attention, not copying). Every test sentence carries all `num_modes` translations as
+references (multi-reference BLEU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+_SYLLABLES_SRC = ["ka", "lo", "mi", "nu", "pe", "ri", "sa", "to", "vu", "ze", "bo", "di"]
+_SYLLABLES_TGT = ["ar", "el", "on", "ix", "us", "em", "ol", "ab", "ut", "yr", "ed", "ok"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticTask:
+    num_words: int = 120
+    num_modes: int = 3
+    mode_probs: tuple[float, ...] = (0.5, 0.3, 0.2)
+    min_len: int = 3
+    max_len: int = 8
+    seed: int = 1234
+
+    def __post_init__(self):
+        if len(self.mode_probs) != self.num_modes or abs(sum(self.mode_probs) - 1) > 1e-6:
+            raise ValueError(f"mode_probs must have num_modes={self.num_modes} entries summing to 1, "
+                             f"got {self.mode_probs}")
+        if not 1 <= self.min_len <= self.max_len:
+            raise ValueError(f"need 1 ≤ min_len ≤ max_len, got {self.min_len}, {self.max_len}")
+
+    # The lexicon is a pure function of the seed, so every split shares it.
+    def lexicon(self) -> tuple[list[str], list[list[str]]]:
+        rng = np.random.default_rng(self.seed)
+        src = _unique_words(rng, _SYLLABLES_SRC, self.num_words)
+        tgt_all = _unique_words(rng, _SYLLABLES_TGT, self.num_words * self.num_modes)
+        tgt = [tgt_all[i * self.num_modes:(i + 1) * self.num_modes] for i in range(self.num_words)]
+        return src, tgt
+
+    def sample(self, n: int, split_seed: int) -> list[dict]:
+        """`n` examples: {"src", "ref" (one mode, drawn by mode_probs), "refs" (all modes)}."""
+        src_words, tgt_words = self.lexicon()
+        rng = np.random.default_rng([self.seed, split_seed])
+        # Zipf-like word frequencies, as in natural text.
+        freq = 1.0 / np.arange(1, self.num_words + 1) ** 0.8
+        freq /= freq.sum()
+        out = []
+        for _ in range(n):
+            length = int(rng.integers(self.min_len, self.max_len + 1))
+            ids = rng.choice(self.num_words, size=length, p=freq)
+            mode = int(rng.choice(self.num_modes, p=np.asarray(self.mode_probs)))
+            refs = [" ".join(_reorder([tgt_words[i][m] for i in ids])) for m in range(self.num_modes)]
+            out.append({"src": " ".join(src_words[i] for i in ids), "ref": refs[mode], "refs": refs})
+        return out
+
+
+def _unique_words(rng, syllables, n):
+    words: list[str] = []
+    seen = set()
+    while len(words) < n:
+        k = int(rng.integers(2, 4))
+        w = "".join(rng.choice(syllables, size=k))
+        if w not in seen:
+            seen.add(w)
+            words.append(w)
+    return words
+
+
+def _reorder(words: list[str]) -> list[str]:
+    out = list(words)
+    for i in range(0, len(out) - 1, 2):
+        out[i], out[i + 1] = out[i + 1], out[i]
+    return out
+
+
+def write_task(out_dir: str, *, task: SyntheticTask | None = None, train: int = 20000,
+               dev: int = 300, test: int = 300, test_splits: int = 5) -> dict[str, object]:
+    """Write train/dev/test JSONL files (`src`, `ref`, `refs`) and return their paths.
+
+    Files are written to a temp name and renamed, so a crash never leaves a partial file;
+    existing complete files are reused (the content is a pure function of the task).
+    """
+    task = task or SyntheticTask()
+    os.makedirs(out_dir, exist_ok=True)
+    paths: dict[str, object] = {}
+
+    def dump(name: str, examples: list[dict]) -> str:
+        path = os.path.join(out_dir, name)
+        if not os.path.exists(path):
+            tmp = path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                for ex in examples:
+                    f.write(json.dumps(ex, ensure_ascii=False) + "\n")
+            os.replace(tmp, path)
+        return path
+
+    paths["train"] = dump("train.jsonl", task.sample(train, split_seed=1))
+    paths["dev"] = dump("dev.jsonl", task.sample(dev, split_seed=2))
+    paths["test"] = [dump(f"test{k}.jsonl", task.sample(test, split_seed=100 + k))
+                     for k in range(test_splits)]
+    return paths
