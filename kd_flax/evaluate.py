@@ -1,0 +1,688 @@
+"""Evaluation: sacreBLEU BLEU and chrF, mean ± std over test splits, decoding speed, tables.
+
+Model-free parts (usable on their own):
+- `corpus_bleu(hyps, refs)` / `corpus_chrf(hyps, refs)` → `MetricResult(score, signature)`,
+  computed by `sacrebleu.metrics.BLEU` / `CHRF` themselves (so scores and signatures are the
+  ones papers report). `refs` is a list of *reference streams* (sacrebleu's convention:
+  `refs[k][i]` is the k-th reference of sentence i); `references_from_examples` builds them
+  from per-sentence reference lists, padding with None where a sentence has fewer refs.
+- `split_stats(scores)` → `Stats(mean, std, n)` with the **sample** standard deviation
+  (ddof=1) across splits — the spread one would expect on a new split of the same size;
+  `std` is NaN for a single split (no spread can be estimated from one number).
+- `SpeedMeter`: sentences/s and tokens/s over decoded batches, leaving out each batch shape's
+  first call (which includes XLA compilation) when warm batches exist.
+- `format_table(rows, columns=None)` → a GitHub markdown table.
+
+Model parts:
+- `translate(model, tokenizer, sources, *, batch_size, num_beams, max_new_tokens, ...)` →
+  list of strings: sources are tokenized, sorted into length buckets and padded to the bucket
+  length and to a fixed batch size, so `kd_flax.decoding.generate` compiles once per bucket.
+  Shared by the train loop (dev BLEU) and this stage.
+- `run(config, workdir)`: the `evaluate` stage. Decodes every test split with every model of
+  `config.evaluate.models` and writes `workdir/evaluate/results.json`, `report.md` and the
+  hypotheses (`hyps/<model>/<split>.txt`), each written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import sacrebleu
+
+# ---------------------------------------------------------------------------
+# Metrics (through sacrebleu itself)
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricResult:
+    """A corpus-level score with the sacrebleu signature that makes it reproducible."""
+
+    name: str  # "BLEU" or "chrF2" (chrF2++ with word_order=2)
+    score: float
+    signature: str
+    details: str  # sacrebleu's full formatted score line (n-gram precisions, BP, ...)
+
+
+def _check_streams(hypotheses: Sequence[str], references: Sequence[Sequence[str | None]]) -> None:
+    if isinstance(hypotheses, str) or not isinstance(hypotheses, Sequence):
+        raise ValueError(f"hypotheses: expected a list of strings, got {type(hypotheses).__name__}")
+    if not hypotheses:
+        raise ValueError("hypotheses: empty list; need at least one sentence")
+    if isinstance(references, str) or not isinstance(references, Sequence) or not references:
+        raise ValueError("references: expected a non-empty list of reference streams "
+                         "(refs[k][i] = k-th reference of sentence i)")
+    for k, stream in enumerate(references):
+        if isinstance(stream, str):
+            raise ValueError(f"references[{k}]: is a string; references must be a list of reference "
+                             f"streams, e.g. [refs] for one reference per sentence")
+        if len(stream) != len(hypotheses):
+            raise ValueError(f"references[{k}]: has {len(stream)} sentences, hypotheses have "
+                             f"{len(hypotheses)}; every reference stream must match the hypotheses")
+    for i in range(len(hypotheses)):
+        if all(stream[i] is None for stream in references):
+            raise ValueError(f"references: sentence {i} has no reference in any stream")
+
+
+def corpus_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str | None]], *,
+                tokenize: str | None = None, lowercase: bool = False,
+                trg_lang: str = "") -> MetricResult:
+    """Corpus BLEU with sacrebleu (default 13a tokenization, exp smoothing).
+
+    `references` is a list of reference streams (one per reference set); a stream may hold
+    None where a sentence has fewer references. `trg_lang` picks sacrebleu's tokenizer for
+    zh/ja/ko when `tokenize` is None.
+    """
+    _check_streams(hypotheses, references)
+    metric = sacrebleu.metrics.BLEU(tokenize=tokenize, lowercase=lowercase, trg_lang=trg_lang)
+    score = metric.corpus_score(list(hypotheses), [list(s) for s in references])
+    return MetricResult("BLEU", float(score.score), str(metric.get_signature()), str(score))
+
+
+def corpus_chrf(hypotheses: Sequence[str], references: Sequence[Sequence[str | None]], *,
+                word_order: int = 0, lowercase: bool = False) -> MetricResult:
+    """Corpus chrF with sacrebleu (chrF2; `word_order=2` gives chrF++)."""
+    _check_streams(hypotheses, references)
+    metric = sacrebleu.metrics.CHRF(word_order=word_order, lowercase=lowercase)
+    score = metric.corpus_score(list(hypotheses), [list(s) for s in references])
+    return MetricResult(score.name, float(score.score), str(metric.get_signature()), str(score))
+
+
+def references_from_examples(refs_per_sentence: Sequence[str | Sequence[str]]) -> list[list[str | None]]:
+    """Per-sentence references (a string or a list of strings each) → reference streams.
+
+    Sentences with fewer references than the most get None in the missing streams, which
+    sacrebleu skips (variable number of references).
+    """
+    rows = [[r] if isinstance(r, str) else list(r) for r in refs_per_sentence]
+    for i, row in enumerate(rows):
+        if not row or not all(isinstance(r, str) for r in row):
+            raise ValueError(f"refs_per_sentence[{i}]: expected a string or a non-empty list of "
+                             f"strings, got {refs_per_sentence[i]!r}")
+    k = max(len(r) for r in rows) if rows else 0
+    return [[row[j] if j < len(row) else None for row in rows] for j in range(k)]
+
+
+# ---------------------------------------------------------------------------
+# Aggregation over splits, speed, tables
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    mean: float
+    std: float  # sample std (ddof=1); NaN when n == 1
+    n: int
+
+    def __str__(self) -> str:
+        return format_mean_std(self)
+
+
+def split_stats(scores: Iterable[float]) -> Stats:
+    """Mean and sample standard deviation (ddof=1) of per-split scores.
+
+    ddof=1 because the splits are a sample of possible test sets: the std estimates the
+    spread of the score on a new split. One split → std is NaN (printed without "±").
+    """
+    values = np.asarray(list(scores), dtype=np.float64)
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"scores: expected a non-empty list of numbers, got shape {values.shape}")
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"scores: all values must be finite, got {values.tolist()}")
+    mean = float(values.mean())
+    std = float(values.std(ddof=1)) if values.size > 1 else float("nan")
+    return Stats(mean, std, int(values.size))
+
+
+def format_mean_std(stats: Stats, digits: int = 1) -> str:
+    if math.isnan(stats.std):
+        return f"{stats.mean:.{digits}f}"
+    return f"{stats.mean:.{digits}f} ± {stats.std:.{digits}f}"
+
+
+class SpeedMeter:
+    """Sentences/s and tokens/s over decoded batches.
+
+    `add(sentences, tokens, seconds, first_call=...)` records one batch. The first call of a
+    batch shape includes XLA compilation; rates are computed over the other ("warm") batches
+    when there are any, else over all of them (and `includes_compile` says so).
+    """
+
+    def __init__(self):
+        self.batches: list[tuple[int, int, float, bool]] = []
+
+    def add(self, sentences: int, tokens: int, seconds: float, *, first_call: bool = False) -> None:
+        if sentences < 0 or tokens < 0 or seconds < 0:
+            raise ValueError(f"SpeedMeter.add: sentences, tokens and seconds must be ≥ 0, got "
+                             f"{sentences}, {tokens}, {seconds}")
+        self.batches.append((int(sentences), int(tokens), float(seconds), bool(first_call)))
+
+    def time(self, sentences: int = 0, tokens: int = 0, *, first_call: bool = False) -> "_Timing":
+        """Context manager timing a block: `with meter.time(n, t): work()` (set `.tokens` inside
+        the block when they are known only afterwards)."""
+        return _Timing(self, sentences, tokens, first_call)
+
+    def _used(self):
+        warm = [b for b in self.batches if not b[3]]
+        return (warm, False) if warm else (self.batches, bool(self.batches))
+
+    @property
+    def includes_compile(self) -> bool:
+        return self._used()[1]
+
+    @property
+    def seconds(self) -> float:
+        return sum(b[2] for b in self._used()[0])
+
+    @property
+    def sentences_per_s(self) -> float:
+        used, _ = self._used()
+        s = sum(b[2] for b in used)
+        return sum(b[0] for b in used) / s if s > 0 else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        used, _ = self._used()
+        s = sum(b[2] for b in used)
+        return sum(b[1] for b in used) / s if s > 0 else float("nan")
+
+    def summary(self) -> dict[str, float | bool]:
+        return {"sentences_per_s": self.sentences_per_s, "tokens_per_s": self.tokens_per_s,
+                "seconds": self.seconds, "includes_compile": self.includes_compile,
+                "total_seconds": sum(b[2] for b in self.batches)}
+
+
+class _Timing:
+    def __init__(self, meter: SpeedMeter, sentences: int, tokens: int, first_call: bool):
+        self.meter, self.sentences, self.tokens, self.first_call = meter, sentences, tokens, first_call
+        self.seconds = 0.0
+
+    def __enter__(self):
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        self.seconds = time.perf_counter() - self._t0
+        if exc_type is None:
+            self.meter.add(self.sentences, self.tokens, self.seconds, first_call=self.first_call)
+        return False
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, Stats):
+        return format_mean_std(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "–"
+        return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
+                 *, align: Mapping[str, str] | None = None) -> str:
+    """Rows of dicts → a GitHub markdown table (columns: given, else the keys in first-seen order).
+
+    Floats print with 1 decimal (≥ 10) or 3 significant digits, `Stats` as "mean ± std", None
+    as an empty cell, `|` is escaped. `align` maps a column to "left"/"right"/"center"
+    (default: right for numbers, left otherwise).
+    """
+    if not rows:
+        raise ValueError("rows: empty; need at least one row to format a table")
+    if columns is None:
+        columns = []
+        for row in rows:
+            columns += [k for k in row if k not in columns]
+    align = dict(align or {})
+    for col, how in align.items():
+        if how not in ("left", "right", "center"):
+            raise ValueError(f"align[{col!r}]: {how!r} is not allowed; allowed: left, right, center")
+    body = [[_cell(row.get(c)) for c in columns] for row in rows]
+    header = [str(c) for c in columns]
+    widths = [max(len(header[j]), *(len(r[j]) for r in body)) for j in range(len(columns))]
+
+    def numeric(j):
+        vals = [row.get(columns[j]) for row in rows if row.get(columns[j]) is not None]
+        return bool(vals) and all(isinstance(v, (int, float, Stats)) and not isinstance(v, bool) for v in vals)
+
+    seps = []
+    for j, c in enumerate(columns):
+        how = align.get(c, "right" if numeric(j) else "left")
+        w = max(widths[j], 3)
+        seps.append({"left": ":" + "-" * (w - 1), "right": "-" * (w - 1) + ":",
+                     "center": ":" + "-" * (w - 2) + ":"}[how])
+        widths[j] = w
+    lines = ["| " + " | ".join(h.ljust(widths[j]) for j, h in enumerate(header)) + " |",
+             "| " + " | ".join(seps) + " |"]
+    for r in body:
+        lines.append("| " + " | ".join(v.ljust(widths[j]) for j, v in enumerate(r)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# translate: bucketed batch decoding
+# ---------------------------------------------------------------------------
+
+
+def bucket_length(n: int, boundaries: Sequence[int]) -> int:
+    """The smallest boundary ≥ n; past the last one, n rounded up to a multiple of the last."""
+    bounds = sorted(int(b) for b in boundaries)
+    if not bounds or bounds[0] <= 0:
+        raise ValueError(f"bucket_boundaries: expected positive lengths, got {tuple(boundaries)}")
+    for b in bounds:
+        if n <= b:
+            return b
+    return -(-n // bounds[-1]) * bounds[-1]
+
+
+def make_batches(lengths: Sequence[int], batch_size: int,
+                 boundaries: Sequence[int]) -> list[tuple[int, list[int]]]:
+    """Group sentence indices into `(bucket_len, indices)` batches of at most `batch_size`.
+
+    Sentences are sorted by length (stable) so each batch is padded only to its bucket; the
+    set of distinct `(batch_size, bucket_len)` shapes — one compilation each — is at most the
+    number of buckets.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be ≥ 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: dict[int, list[int]] = {}
+    for i in order:
+        groups.setdefault(bucket_length(lengths[i], boundaries), []).append(i)
+    out = []
+    for blen in sorted(groups):
+        idx = groups[blen]
+        out += [(blen, idx[s:s + batch_size]) for s in range(0, len(idx), batch_size)]
+    return out
+
+
+def _generated_tokens(seqs: np.ndarray, eos_id: int | None, pad_id: int | None) -> int:
+    """Tokens produced per row up to and including EOS (pad after EOS is not counted)."""
+    total = 0
+    for row in seqs:
+        if eos_id is not None and (row == eos_id).any():
+            total += int(np.argmax(row == eos_id)) + 1
+        elif pad_id is not None:
+            total += int((row != pad_id).sum())
+        else:
+            total += row.size
+    return total
+
+
+def translate(model, tokenizer, sources: Sequence[str], *, batch_size: int, num_beams: int = 1,
+              max_new_tokens: int, source_prefix: str = "", max_source_length: int | None = None,
+              bucket_boundaries: Sequence[int] = (16, 32, 64, 128), length_penalty: float = 1.0,
+              mesh=None, rules=None, meter: SpeedMeter | None = None,
+              generate_fn: Callable | None = None, **generate_kwargs) -> list[str]:
+    """Decode `sources` with `model` (beam search if num_beams > 1) → one string per source.
+
+    Sources are tokenized (with `source_prefix`, truncated to `max_source_length`), bucketed
+    by length and padded to `(batch_size, bucket_len)` so each bucket compiles once; padding
+    rows are dropped. With a `mesh`, batches are placed with the batch axis sharded by
+    `rules` (batch_size is rounded up to a multiple of the batch shards). The best sequence
+    (`sequences[:, 0]`) is decoded with `skip_special_tokens=True`. `meter` receives each
+    batch's sentences, generated tokens and wall time. `generate_fn` defaults to
+    `kd_flax.decoding.generate`; extra keyword arguments go to it.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    if isinstance(sources, str):
+        raise ValueError("sources: expected a list of strings, got one string")
+    if num_beams < 1:
+        raise ValueError(f"num_beams: must be ≥ 1, got {num_beams}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: must be ≥ 1, got {max_new_tokens}")
+    if not sources:
+        return []
+    if generate_fn is None:
+        from kd_flax.decoding import generate as generate_fn
+
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = getattr(getattr(model, "config", None), "pad_token_id", 0)
+    eos_id = getattr(getattr(model, "config", None), "eos_token_id", tokenizer.eos_token_id)
+
+    texts = [source_prefix + s for s in sources]
+    enc = tokenizer(texts, add_special_tokens=True, truncation=max_source_length is not None,
+                    max_length=max_source_length)["input_ids"]
+    lengths = [max(len(ids), 1) for ids in enc]
+
+    sharding = None
+    if mesh is not None:
+        from kd_flax import sharding as shd
+        sharding = shd.batch_sharding(mesh, rules if rules is not None else shd.DEFAULT_RULES)
+        shards = _batch_shards(sharding)
+        batch_size = -(-batch_size // shards) * shards
+
+    out: list[str | None] = [None] * len(sources)
+    seen_shapes: set[tuple[int, int]] = set()
+    for blen, idx in make_batches(lengths, batch_size, bucket_boundaries):
+        ids = np.full((batch_size, blen), pad_id, dtype=np.int32)
+        mask = np.zeros((batch_size, blen), dtype=np.int32)
+        mask[:, 0] = 1  # padding rows attend to one pad token: no all-masked softmax rows
+        for r, i in enumerate(idx):
+            ids[r, :len(enc[i])] = enc[i]
+            mask[r, :len(enc[i])] = 1
+        first = (batch_size, blen) not in seen_shapes
+        seen_shapes.add((batch_size, blen))
+        t0 = time.perf_counter()
+        if sharding is not None:
+            input_ids = jax.make_array_from_callback(ids.shape, sharding, lambda s: ids[s])
+            attention_mask = jax.make_array_from_callback(mask.shape, sharding, lambda s: mask[s])
+        else:
+            input_ids, attention_mask = jnp.asarray(ids), jnp.asarray(mask)
+        result = generate_fn(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                             num_beams=num_beams, length_penalty=length_penalty, **generate_kwargs)
+        seqs = _to_host(result.sequences)[: len(idx), 0]
+        seconds = time.perf_counter() - t0
+        texts_out = tokenizer.batch_decode(seqs.tolist(), skip_special_tokens=True)
+        for r, i in enumerate(idx):
+            out[i] = texts_out[r].strip()
+        if meter is not None:
+            meter.add(len(idx), _generated_tokens(seqs, eos_id, pad_id), seconds, first_call=first)
+    return out  # type: ignore[return-value]
+
+
+def _batch_shards(sharding) -> int:
+    """How many ways a NamedSharding splits axis 0."""
+    spec = sharding.spec[0] if len(sharding.spec) else None
+    if spec is None:
+        return 1
+    names = spec if isinstance(spec, tuple) else (spec,)
+    return int(np.prod([sharding.mesh.shape[n] for n in names]))
+
+
+def _to_host(x) -> np.ndarray:
+    """A (possibly multi-host sharded) array → the full numpy array on every process."""
+    import jax
+    if jax.process_count() > 1 and isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
+# ---------------------------------------------------------------------------
+# The evaluate stage
+# ---------------------------------------------------------------------------
+
+
+def split_name(spec: str) -> str:
+    """A short name for a test-set spec: `synthetic:test0:60` → test0, `hf:x@test` → test,
+    `/data/newstest2014.en-fr.jsonl.gz` → newstest2014.en-fr, `a.en+a.fr` → a."""
+    spec = str(spec)
+    if spec.startswith("synthetic:"):
+        return spec.split(":")[1]
+    if spec.startswith("hf:"):
+        return spec.rsplit("@", 1)[1] if "@" in spec else spec[3:].replace("/", "_")
+    name = os.path.basename(spec.split("+")[0].rstrip("/"))
+    for ext in (".gz", ".jsonl", ".json", ".tsv", ".txt"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    return name.replace("{lang}", "").strip(".")
+
+
+def select_splits(test_specs: Sequence[str] | str, wanted: Sequence[str]) -> list[tuple[str, str]]:
+    """`(name, spec)` for the test specs in `data.test`, restricted to `evaluate.splits` names
+    (all when empty). Unknown names fail naming the available ones."""
+    specs = [test_specs] if isinstance(test_specs, str) else list(test_specs)
+    specs = [s for s in specs if s]
+    named: dict[str, str] = {}
+    for s in specs:
+        name = split_name(s)
+        base, k = name, 2
+        while name in named:  # two specs with the same base name: keep both
+            name, k = f"{base}_{k}", k + 1
+        named[name] = s
+    if not named:
+        raise ValueError("data.test: no test sets configured; evaluate needs at least one")
+    if not wanted:
+        return list(named.items())
+    missing = [w for w in wanted if w not in named and w not in named.values()]
+    if missing:
+        raise ValueError(f"evaluate.splits: {missing} not found in data.test; available split "
+                         f"names: {sorted(named)}")
+    by_spec = {v: k for k, v in named.items()}
+    return [(w, named[w]) if w in named else (by_spec[w], w) for w in wanted]
+
+
+def read_split(spec: str, config) -> tuple[list[str], list[list[str]] | None]:
+    """Sources and per-sentence reference lists of one test set.
+
+    Multi-reference JSONL rows carry `refs` (a list); otherwise the single `ref` is used.
+    Reading goes through `kd_flax.data` (all corpus formats, gzip, gs://).
+    """
+    from kd_flax import data
+    examples = data.read_examples(spec, config) if hasattr(data, "read_examples") else \
+        data.read_corpus(spec, src_lang=config.data.src_lang, tgt_lang=config.data.tgt_lang)
+    examples = getattr(examples, "examples", examples)
+    sources, refs = [], []
+    for ex in examples:
+        get = ex.get if isinstance(ex, Mapping) else (lambda k, e=ex: getattr(e, k, None))
+        sources.append(get("src"))
+        r = get("refs") or get("ref")
+        refs.append([r] if isinstance(r, str) else (list(r) if r else []))
+    if any(not r for r in refs):
+        return sources, None
+    return sources, refs
+
+
+def model_dirs(config, workdir: str) -> dict[str, str]:
+    """Which model dirs `evaluate.models` names, in this workdir (a variant's own workdir).
+
+    teacher: `workdir/finetune/model` when the teacher was trained here, else `teacher.path`;
+    student: `workdir/distill/model`.
+    """
+    from kd_flax import io_utils
+    out = {}
+    for name in config.evaluate.models:
+        if name == "teacher":
+            trained = os.path.join(workdir, "finetune", "model")
+            path = trained if io_utils.exists(trained) else config.teacher.path
+            if not path or not io_utils.exists(path):
+                raise ValueError(f"evaluate.models: 'teacher' has no model: neither {trained} (finetune "
+                                 f"stage) nor teacher.path={config.teacher.path!r} exists")
+        elif name == "student":
+            path = os.path.join(workdir, "distill", "model")
+            if not io_utils.exists(path):
+                raise ValueError(f"evaluate.models: 'student' has no model at {path}; run the distill "
+                                 f"stage first")
+        else:
+            raise ValueError(f"evaluate.models: {name!r} is not allowed; allowed: teacher, student")
+        out[name] = str(path)
+    return out
+
+
+def _param_bytes(model, weight_bits: int = 0) -> tuple[int, int]:
+    """(#parameters, bytes): float leaves at their dtype; with weight quantization the leaves
+    that `kd_flax.quant.default_rules` quantizes count `weight_bits` bits each."""
+    from flax import nnx
+    import jax
+    state = nnx.state(model, nnx.Param)
+    quantized = set()
+    if weight_bits:
+        quantized = _quantized_paths(state, weight_bits)
+    n, size = 0, 0.0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        n += leaf.size
+        p = _path_str(path)
+        size += leaf.size * (weight_bits / 8 if p in quantized else leaf.dtype.itemsize)
+    return int(n), int(math.ceil(size))
+
+
+def _path_str(path) -> str:
+    parts = []
+    for k in path:
+        k = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
+        if k != "value":
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def _quantized_paths(state, bits: int) -> set[str]:
+    """Parameter paths whose values change under `quant.default_rules(bits)`."""
+    import jax
+    from flax import nnx
+    from kd_flax import quant
+    pure = nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
+    q = quant.quantize_params(pure, quant.default_rules(bits))
+    flat_a = dict(jax.tree_util.tree_leaves_with_path(pure))
+    flat_b = dict(jax.tree_util.tree_leaves_with_path(q))
+    return {_path_str(p) for p in flat_a if not np.array_equal(np.asarray(flat_a[p]), np.asarray(flat_b[p]))}
+
+
+def _apply_weight_quant(model, bits: int) -> None:
+    """Evaluate a fake-quant-trained student with its weights quantized as in training
+    (idempotent when the saved weights are already on the grid)."""
+    from flax import nnx
+    from kd_flax import quant
+    state = nnx.state(model, nnx.Param)
+    pure = nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
+    q = quant.quantize_params(pure, quant.default_rules(bits))
+    nnx.replace_by_pure_dict(state, q)
+    nnx.update(model, state)
+
+
+def _load(path: str, config, mesh, rules):
+    from kd_flax import models
+    model = models.load_pretrained(path, mesh=mesh, rules=rules)
+    if hasattr(models, "load_tokenizer"):
+        tokenizer = models.load_tokenizer(path)
+    else:
+        import transformers
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def run(config, workdir: str, *, load_fn: Callable | None = None,
+        generate_fn: Callable | None = None) -> dict:
+    """The `evaluate` stage: decode each test split with each model, score, write results.
+
+    Writes (process 0 only) `workdir/evaluate/results.json`, `report.md` and
+    `hyps/<model>/<split>.txt`. Returns the results dict. `load_fn(path) -> (model,
+    tokenizer)` and `generate_fn` replace the real loader / decoder (tests).
+    """
+    import jax
+    from kd_flax import io_utils
+
+    ev = config.evaluate
+    splits = select_splits(config.data.test, list(ev.splits))
+    dirs = model_dirs(config, workdir)
+    mesh = rules = None
+    if load_fn is None:
+        from kd_flax import sharding as shd
+        rules = tuple(tuple(r) for r in config.mesh.rules)
+        if jax.device_count() > 1:
+            mesh = shd.make_mesh(dict(config.mesh.axes))
+        load_fn = lambda p: _load(p, config, mesh, rules)  # noqa: E731
+
+    data = {name: read_split(spec, config) for name, spec in splits}
+    out_dir = os.path.join(workdir, "evaluate")
+    writer = jax.process_index() == 0
+    results: dict[str, Any] = {"splits": [n for n, _ in splits],
+                               "settings": {"num_beams": ev.num_beams, "max_new_tokens": ev.max_new_tokens,
+                                            "batch_size": ev.batch_size, "tgt_lang": config.data.tgt_lang},
+                               "models": {}}
+    for mname, mpath in dirs.items():
+        model, tokenizer = load_fn(mpath)
+        bits = int(config.student.quant.weight_bits or 0) if mname == "student" else 0
+        if bits:
+            _apply_weight_quant(model, bits)
+        from flax import nnx
+        # A stand-in model (tests) has no nnx parameters to count.
+        n_params, n_bytes = _param_bytes(model, bits) if isinstance(model, nnx.Module) else (0, 0)
+        meter = SpeedMeter()
+        bleu, chrf, per_split = [], [], {}
+        for sname, (sources, refs) in data.items():
+            if refs is None:
+                raise ValueError(f"data.test: split {sname!r} has sentences without a reference; "
+                                 f"evaluation needs `ref` or `refs` for every line")
+            hyps = translate(model, tokenizer, sources, batch_size=ev.batch_size, num_beams=ev.num_beams,
+                             max_new_tokens=ev.max_new_tokens, source_prefix=config.data.source_prefix,
+                             max_source_length=config.data.max_source_length,
+                             bucket_boundaries=tuple(config.data.bucket_boundaries),
+                             mesh=mesh, rules=rules, meter=meter, generate_fn=generate_fn)
+            streams = references_from_examples(refs)
+            b = corpus_bleu(hyps, streams, trg_lang=_sacrebleu_lang(config.data.tgt_lang))
+            c = corpus_chrf(hyps, streams)
+            bleu.append(b.score)
+            chrf.append(c.score)
+            per_split[sname] = {"bleu": b.score, "chrf": c.score, "num_refs": len(streams),
+                                "sentences": len(sources), "bleu_details": b.details}
+            if writer:
+                io_utils.atomic_write_text(os.path.join(out_dir, "hyps", mname, f"{sname}.txt"),
+                                           "".join(h + "\n" for h in hyps))
+        bs, cs = split_stats(bleu), split_stats(chrf)
+        results["models"][mname] = {
+            "path": mpath, "parameters": n_params, "size_mb": n_bytes / 2**20, "weight_bits": bits or None,
+            "bleu": {"mean": bs.mean, "std": bs.std, "per_split": bleu},
+            "chrf": {"mean": cs.mean, "std": cs.std, "per_split": chrf},
+            "splits": per_split, "speed": meter.summary(),
+            "signatures": {"bleu": b.signature, "chrf": c.signature},
+        }
+        del model
+    if writer:
+        io_utils.atomic_write_json(os.path.join(out_dir, "results.json"), _jsonable(results))
+        io_utils.atomic_write_text(os.path.join(out_dir, "report.md"), report_markdown(results))
+    return results
+
+
+def _sacrebleu_lang(lang: str) -> str:
+    # sacrebleu only changes tokenization for these target languages.
+    return lang if lang in ("zh", "ja", "ko") else ""
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def results_rows(results: Mapping[str, Any], name_prefix: str = "") -> list[dict[str, Any]]:
+    """Table rows (model, parameters, size MB, BLEU mean ± std, chrF, sentences/s) from results."""
+    rows = []
+    for mname, r in results["models"].items():
+        rows.append({
+            "model": name_prefix + mname,
+            "parameters": f"{r['parameters']:,}",
+            "size (MB)": r["size_mb"],
+            "BLEU": Stats(r["bleu"]["mean"], _nan(r["bleu"]["std"]), len(r["bleu"]["per_split"])),
+            "chrF": Stats(r["chrf"]["mean"], _nan(r["chrf"]["std"]), len(r["chrf"]["per_split"])),
+            "sentences/s": _nan(r["speed"]["sentences_per_s"]),
+        })
+    return rows
+
+
+def _nan(v):
+    return float("nan") if v is None else float(v)
+
+
+def report_markdown(results: Mapping[str, Any]) -> str:
+    """The stage's report.md: table, per-split scores, sacreBLEU signatures."""
+    n = len(results["splits"])
+    lines = [f"# Evaluation\n\nBLEU and chrF (sacreBLEU, corpus level) as mean ± sample std "
+             f"(ddof=1) over {n} test split{'s' if n != 1 else ''}: {', '.join(results['splits'])}. "
+             f"Decoding: num_beams={results['settings']['num_beams']}, "
+             f"max_new_tokens={results['settings']['max_new_tokens']}. Sentences/s exclude the first "
+             f"(compiling) batch of each shape.\n",
+             format_table(results_rows(results)), "\n## Per split (BLEU / chrF)\n"]
+    split_rows = []
+    for mname, r in results["models"].items():
+        row = {"model": mname}
+        for s in results["splits"]:
+            row[s] = f"{r['splits'][s]['bleu']:.1f} / {r['splits'][s]['chrf']:.1f}"
+        split_rows.append(row)
+    lines.append(format_table(split_rows))
+    sigs = {sig for r in results["models"].values() for sig in r["signatures"].values()}
+    lines.append("\nsacreBLEU signatures:\n\n" + "".join(f"- `{s}`\n" for s in sorted(sigs)))
+    return "\n".join(lines)

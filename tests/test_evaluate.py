@@ -1,0 +1,253 @@
+"""kd_flax.evaluate: metrics equal sacrebleu's own functions, stats equal numpy, tables,
+bucketed translate with a stand-in model/decoder, and the stage end to end on stand-ins."""
+
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import ml_collections
+import numpy as np
+import pytest
+import sacrebleu
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kd_flax import evaluate
+
+HYPS = ["the cat sat on the mat", "a dog runs in the park", "hello world", "it is raining today"]
+REFS_A = ["the cat is on the mat", "a dog is running in the park", "hello world !", "it rains today"]
+REFS_B = ["there is a cat on the mat", "the dog runs in a park", "hello , world", "today it is raining"]
+
+
+def test_bleu_chrf_single_reference_equal_sacrebleu():
+    b = evaluate.corpus_bleu(HYPS, [REFS_A])
+    c = evaluate.corpus_chrf(HYPS, [REFS_A])
+    assert b.score == pytest.approx(sacrebleu.corpus_bleu(HYPS, [REFS_A]).score, abs=1e-9)
+    assert c.score == pytest.approx(sacrebleu.corpus_chrf(HYPS, [REFS_A]).score, abs=1e-9)
+    assert b.signature.startswith("nrefs:1|") and "tok:13a" in b.signature
+    assert "nrefs:1" in c.signature and c.name == "chrF2"
+    assert 0 < b.score < 100 and 0 < c.score < 100
+
+
+def test_bleu_chrf_multi_reference_equal_sacrebleu():
+    b = evaluate.corpus_bleu(HYPS, [REFS_A, REFS_B])
+    c = evaluate.corpus_chrf(HYPS, [REFS_A, REFS_B])
+    assert b.score == pytest.approx(sacrebleu.corpus_bleu(HYPS, [REFS_A, REFS_B]).score, abs=1e-9)
+    assert c.score == pytest.approx(sacrebleu.corpus_chrf(HYPS, [REFS_A, REFS_B]).score, abs=1e-9)
+    assert "nrefs:2" in b.signature
+    # A second reference can only add matching n-grams here.
+    assert b.score > evaluate.corpus_bleu(HYPS, [REFS_A]).score
+
+
+def test_references_from_examples_variable_count():
+    per_sentence = [[REFS_A[0], REFS_B[0]], REFS_A[1], [REFS_A[2]], [REFS_A[3], REFS_B[3]]]
+    streams = evaluate.references_from_examples(per_sentence)
+    assert streams == [REFS_A, [REFS_B[0], None, None, REFS_B[3]]]
+    b = evaluate.corpus_bleu(HYPS, streams)
+    ref = sacrebleu.metrics.BLEU().corpus_score(HYPS, streams)
+    assert b.score == pytest.approx(ref.score, abs=1e-9)
+    assert "nrefs:var" in b.signature
+
+
+def test_metric_input_errors_name_the_argument():
+    with pytest.raises(ValueError, match=r"references\[0\]: has 3 sentences"):
+        evaluate.corpus_bleu(HYPS, [REFS_A[:3]])
+    with pytest.raises(ValueError, match=r"references\[0\]: is a string"):
+        evaluate.corpus_chrf(HYPS, REFS_A)
+    with pytest.raises(ValueError, match="hypotheses: empty"):
+        evaluate.corpus_bleu([], [[]])
+    with pytest.raises(ValueError, match=r"refs_per_sentence\[1\]"):
+        evaluate.references_from_examples(["a", []])
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.floats(0, 100, allow_nan=False), min_size=2, max_size=8))
+def test_split_stats_equal_numpy(scores):
+    s = evaluate.split_stats(scores)
+    assert s.n == len(scores)
+    assert s.mean == pytest.approx(float(np.mean(np.float64(scores))), abs=1e-9)
+    assert s.std == pytest.approx(float(np.std(np.float64(scores), ddof=1)), abs=1e-9)
+
+
+def test_split_stats_single_and_bad():
+    s = evaluate.split_stats([31.5])
+    assert s.mean == 31.5 and math.isnan(s.std) and str(s) == "31.5"
+    assert str(evaluate.split_stats([30.0, 32.0])) == "31.0 ± 1.4"
+    with pytest.raises(ValueError, match="scores"):
+        evaluate.split_stats([])
+    with pytest.raises(ValueError, match="finite"):
+        evaluate.split_stats([1.0, float("nan")])
+
+
+def test_format_table():
+    rows = [{"model": "teacher", "parameters": "1,234", "BLEU": evaluate.Stats(31.25, 1.04, 5),
+             "sentences/s": 1234.5},
+            {"model": "student|w8", "parameters": "321", "BLEU": evaluate.Stats(29.0, float("nan"), 1),
+             "sentences/s": 2.5, "extra": None}]
+    table = evaluate.format_table(rows)
+    lines = table.strip().split("\n")
+    assert len(lines) == 4
+    assert [c.strip() for c in lines[0].strip("|").split("|")] == \
+        ["model", "parameters", "BLEU", "sentences/s", "extra"]
+    seps = [c.strip() for c in lines[1].strip("|").split("|")]
+    assert seps[0].startswith(":") and seps[2].endswith(":") and seps[3].endswith(":")
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells == ["teacher", "1,234", "31.2 ± 1.0", "1234.5", ""]
+    assert "student\\|w8" in lines[3] and "29.0" in lines[3] and "2.5" in lines[3]
+    # All rows have the same number of cells (valid markdown).
+    assert len({ln.count(" | ") for ln in lines}) == 1
+    assert evaluate.format_table(rows, columns=["model"]).count("\n") == 4
+    with pytest.raises(ValueError, match="rows"):
+        evaluate.format_table([])
+    with pytest.raises(ValueError, match=r"align\['model'\]"):
+        evaluate.format_table(rows, align={"model": "middle"})
+
+
+def test_speed_meter_leaves_out_compiling_batches():
+    m = evaluate.SpeedMeter()
+    m.add(10, 100, 5.0, first_call=True)
+    assert m.includes_compile and m.sentences_per_s == pytest.approx(2.0)
+    m.add(10, 100, 0.5)
+    m.add(30, 200, 1.5)
+    assert not m.includes_compile
+    assert m.sentences_per_s == pytest.approx(40 / 2.0)
+    assert m.tokens_per_s == pytest.approx(300 / 2.0)
+    with m.time(4, first_call=False) as t:
+        t.tokens = 8
+    assert m.batches[-1][:2] == (4, 8) and m.batches[-1][2] >= 0
+    with pytest.raises(ValueError, match="SpeedMeter.add"):
+        m.add(-1, 0, 0.0)
+
+
+def test_bucketing():
+    assert [evaluate.bucket_length(n, (8, 16)) for n in (1, 8, 9, 16, 17, 33)] == [8, 8, 16, 16, 32, 48]
+    lengths = [3, 12, 5, 9, 2, 15, 7]
+    batches = evaluate.make_batches(lengths, 2, (8, 16))
+    assert sorted(i for _, idx in batches for i in idx) == list(range(len(lengths)))
+    for blen, idx in batches:
+        assert 1 <= len(idx) <= 2 and all(lengths[i] <= blen for i in idx)
+    assert {b for b, _ in batches} == {8, 16}
+    with pytest.raises(ValueError, match="bucket_boundaries"):
+        evaluate.bucket_length(3, ())
+
+
+# ---------------------------------------------------------------------------
+# translate / run with stand-ins (the real model + decoder are tested by their owners)
+# ---------------------------------------------------------------------------
+
+class CharTokenizer:
+    """Characters a..z and space → ids 3..29; 0 pad, 1 eos (appended), 2 unk."""
+
+    pad_token_id, eos_token_id = 0, 1
+
+    def __call__(self, texts, add_special_tokens=True, truncation=False, max_length=None):
+        out = []
+        for t in texts:
+            ids = [3 + "abcdefghijklmnopqrstuvwxyz ".index(ch) if ch in "abcdefghijklmnopqrstuvwxyz " else 2
+                   for ch in t]
+            if truncation and max_length:
+                ids = ids[: max_length - 1]
+            out.append(ids + [1])
+        return {"input_ids": out}
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        alphabet = "abcdefghijklmnopqrstuvwxyz "
+        return ["".join(alphabet[i - 3] for i in row if i >= 3) for row in rows]
+
+
+def reverse_generate(calls):
+    """A stand-in decoder: the target is the source reversed (pad after EOS), shape [B, 1, L]."""
+
+    def generate(model, input_ids, attention_mask, *, max_new_tokens, num_beams, **kw):
+        calls.append((tuple(input_ids.shape), num_beams, max_new_tokens))
+        ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
+        seqs = np.zeros((ids.shape[0], 1, max_new_tokens), np.int32)
+        for r in range(ids.shape[0]):
+            toks = [t for t, m in zip(ids[r], mask[r]) if m and t >= 3][::-1][: max_new_tokens - 1]
+            seqs[r, 0, : len(toks) + 1] = toks + [1]
+        return SimpleNamespace(sequences=seqs, scores=np.zeros(seqs.shape[:2]),
+                               sum_logprobs=np.zeros(seqs.shape[:2]))
+
+    return generate
+
+
+def test_translate_buckets_restores_order_and_counts_tokens():
+    calls = []
+    sources = ["abc", "hello world", "xy", "a much longer sentence here", "q", "mnop"]
+    meter = evaluate.SpeedMeter()
+    model = SimpleNamespace(config=SimpleNamespace(pad_token_id=0, eos_token_id=1))
+    out = evaluate.translate(model, CharTokenizer(), sources, batch_size=2, num_beams=3, max_new_tokens=40,
+                             bucket_boundaries=(8, 16, 32), meter=meter, generate_fn=reverse_generate(calls))
+    assert out == [s[::-1] for s in sources]
+    # Fixed batch size, bucketed lengths: shapes come from a small set.
+    assert {c[0] for c in calls} <= {(2, 8), (2, 16), (2, 32)}
+    assert all(c[1] == 3 and c[2] == 40 for c in calls)
+    assert sum(b[0] for b in meter.batches) == len(sources)
+    assert sum(b[1] for b in meter.batches) == sum(len(s) + 1 for s in sources)  # tokens + EOS
+    assert sum(b[3] for b in meter.batches) == len({c[0] for c in calls})  # first call per shape
+    # source prefix and truncation reach the tokenizer.
+    out = evaluate.translate(model, CharTokenizer(), ["abcdef"], batch_size=4, max_new_tokens=10,
+                             source_prefix="zz ", max_source_length=4, generate_fn=reverse_generate(calls))
+    assert out == ["zz"]  # "zz " + EOS after truncation to 4, reversed, stripped
+    assert evaluate.translate(model, CharTokenizer(), [], batch_size=2, max_new_tokens=4,
+                              generate_fn=reverse_generate(calls)) == []
+    with pytest.raises(ValueError, match="sources"):
+        evaluate.translate(model, CharTokenizer(), "abc", batch_size=2, max_new_tokens=4)
+
+
+def test_split_names_and_selection():
+    specs = ["synthetic:test0:60", "/d/newstest2014.en-fr.jsonl.gz", "hf:wmt14:fr-en@test", "a/b.tsv"]
+    assert [evaluate.split_name(s) for s in specs] == ["test0", "newstest2014.en-fr", "test", "b"]
+    assert evaluate.select_splits(specs, ["b", "test0"]) == [("b", "a/b.tsv"), ("test0", specs[0])]
+    assert [n for n, _ in evaluate.select_splits(["x/t.jsonl", "y/t.jsonl"], [])] == ["t", "t_2"]
+    with pytest.raises(ValueError, match=r"evaluate.splits: \['nope'\].*available"):
+        evaluate.select_splits(specs, ["nope"])
+    with pytest.raises(ValueError, match="data.test"):
+        evaluate.select_splits([], [])
+
+
+def test_run_stage_with_stand_ins(tmp_path, monkeypatch):
+    """The stage on a JSONL multi-reference test split, a stand-in model and decoder."""
+    split = tmp_path / "test0.jsonl"
+    rows = [{"src": "abc de", "ref": "ed cba", "refs": ["ed cba", "ed cb a"]},
+            {"src": "hello", "ref": "olleh", "refs": ["olleh", "oleh"]},
+            {"src": "xyz", "ref": "zyx", "refs": ["zyx", "zy x"]}]
+    split.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    workdir = tmp_path / "wd"
+    (workdir / "distill" / "model").mkdir(parents=True)
+
+    def fake_read(spec, config):
+        lines = [json.loads(x) for x in open(spec)]
+        return [x["src"] for x in lines], [x["refs"] for x in lines]
+
+    monkeypatch.setattr(evaluate, "read_split", fake_read)
+    config = ml_collections.ConfigDict({
+        "data": {"test": [str(split)], "source_prefix": "", "max_source_length": 16,
+                 "bucket_boundaries": (8,), "tgt_lang": "fr"},
+        "teacher": {"path": ""},
+        "student": {"quant": {"weight_bits": 0}},
+        "evaluate": {"splits": [], "models": ["student"], "num_beams": 2, "max_new_tokens": 12,
+                     "batch_size": 2},
+    })
+    model = SimpleNamespace(config=SimpleNamespace(pad_token_id=0, eos_token_id=1))
+    calls = []
+    res = evaluate.run(config, str(workdir), load_fn=lambda p: (model, CharTokenizer()),
+                       generate_fn=reverse_generate(calls))
+    hyps = [r["src"][::-1] for r in rows]
+    expect_bleu = sacrebleu.corpus_bleu(hyps, [[r["refs"][0] for r in rows], [r["refs"][1] for r in rows]])
+    assert res["models"]["student"]["bleu"]["per_split"] == [pytest.approx(expect_bleu.score)]
+    assert res["splits"] == ["test0"]
+    out = workdir / "evaluate"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["models"]["student"]["bleu"]["mean"] == pytest.approx(expect_bleu.score)
+    assert saved["models"]["student"]["bleu"]["std"] is None  # one split: no spread
+    assert (out / "hyps" / "student" / "test0.txt").read_text().split("\n")[:3] == hyps
+    report = (out / "report.md").read_text()
+    assert "| student" in report and "nrefs:2" in report
+    assert not [p for p in os.listdir(out) if "tmp" in p]
+    # The teacher is required to exist when asked for.
+    config.evaluate.models = ["teacher"]
+    with pytest.raises(ValueError, match="teacher.path"):
+        evaluate.run(config, str(workdir), load_fn=lambda p: (model, CharTokenizer()),
+                     generate_fn=reverse_generate(calls))
