@@ -1,0 +1,465 @@
+"""Train state, optimizer, the sharded train step, and the training loop with checkpoints.
+
+The step is one `jax.jit` over a `TrainState` (student params + optimizer state + counters;
+the teacher's params are a separate, non-differentiated argument and never enter the state
+or its checkpoints). Its loss is composed from the config's `loss` block; every term is a
+`(sum, count)` pair and the division happens once, globally, so the mean is exact across
+devices and gradient-accumulation micro-steps.
+
+Batches are dicts of `[B, ...]` arrays: `input_ids, attention_mask, decoder_input_ids,
+labels, decoder_attention_mask` (the label weights), optionally `teacher_topk_logprobs`,
+`teacher_topk_ids` `[B, T, k]` for cached top-k KD.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from kd_flax import losses
+
+STAGE_DIRS = ("ckpt", "best", "tb", "model")
+
+
+# ---------------------------------------------------------------------------
+# Config access: works for ConfigDicts and plain dicts
+# ---------------------------------------------------------------------------
+
+
+def _get(cfg, key, default=None):
+    if cfg is None:
+        return default
+    if isinstance(cfg, dict):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default) if not hasattr(cfg, "get") else cfg.get(key, default)
+
+
+def _choice(cfg, key, allowed, where):
+    v = _get(cfg, key)
+    if v not in allowed:
+        raise ValueError(f"{where}.{key}: {v!r} is not allowed; allowed values: {list(allowed)}")
+    return v
+
+
+# ---------------------------------------------------------------------------
+# Train state and optimizer
+# ---------------------------------------------------------------------------
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a checkpoint holds. `step` counts consumed batches (skipped ones too)."""
+    step: jax.Array
+    params: Any            # nnx.State of the student's nnx.Param variables
+    opt_state: Any
+    nan_skips: jax.Array   # total updates skipped for a non-finite loss/grad
+    nan_streak: jax.Array  # consecutive skips (the loop stops at max_nan_steps)
+    rng: jax.Array         # uint32[2]; per-step keys are fold_in(rng, step)
+
+
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def path_names(path) -> list[str]:
+    """A jax key path as names, without nnx's trailing `.value`."""
+    names = [_key_name(k) for k in path]
+    if names and names[-1] == "value":
+        names = names[:-1]
+    return names
+
+
+def decay_mask(params):
+    """True where weight decay applies: not on biases nor on any norm's params."""
+    def keep(path, _):
+        names = path_names(path)
+        return not (names[-1] == "bias" or any("norm" in n for n in names))
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
+    """Linear warmup to `learning_rate`, then constant / linear→0 / cosine→0 / rsqrt decay."""
+    lr = float(_get(opt_cfg, "learning_rate", 1e-3))
+    warm = int(_get(opt_cfg, "warmup_steps", 0) or 0)
+    kind = _choice(opt_cfg, "schedule", ("constant", "linear", "cosine", "rsqrt"), "optimizer")
+    decay_steps = max(int(total_steps) - warm, 1)
+
+    def schedule(count):
+        step = jnp.asarray(count, jnp.float32)
+        warmup = jnp.minimum(1.0, (step + 1.0) / warm) if warm > 0 else 1.0
+        progress = jnp.clip((step - warm) / decay_steps, 0.0, 1.0)
+        if kind == "constant":
+            decay = 1.0
+        elif kind == "linear":
+            decay = 1.0 - progress
+        elif kind == "cosine":
+            decay = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        else:  # rsqrt: flat during warmup, then 1/sqrt(step) (T5's schedule)
+            decay = jnp.sqrt(max(warm, 1) / jnp.maximum(step + 1.0, max(warm, 1)))
+        return lr * warmup * decay
+
+    return schedule
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+    """AdamW or Adafactor from a train block (`cfg.optimizer`, `cfg.steps`), with global-norm
+    clipping and weight decay masked off norms and biases."""
+    o = _get(cfg, "optimizer")
+    if o is None:
+        raise ValueError("train config: missing the 'optimizer' block")
+    name = _choice(o, "name", ("adamw", "adafactor"), "optimizer")
+    sched = make_schedule(o, int(_get(cfg, "steps", 1) or 1))
+    wd = float(_get(o, "weight_decay", 0.0) or 0.0)
+    if name == "adamw":
+        tx = optax.adamw(sched, b1=float(_get(o, "b1", 0.9)), b2=float(_get(o, "b2", 0.999)),
+                         eps=1e-8, weight_decay=wd, mask=decay_mask)
+    else:
+        tx = optax.adafactor(sched, decay_rate=float(_get(o, "b2", 0.8)) if _get(o, "b2", 0) < 1 else 0.8,
+                             weight_decay_rate=wd or None, weight_decay_mask=decay_mask)
+    clip = float(_get(o, "grad_clip_norm", 0.0) or 0.0)
+    return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
+
+
+def init_train_state(params, cfg, *, seed: int = 0, mesh=None, rules=None) -> TrainState:
+    """A fresh state for `params` (an nnx.State of Params), placed on `mesh` when given."""
+    tx = make_optimizer(cfg)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                       nan_skips=jnp.zeros((), jnp.int32), nan_streak=jnp.zeros((), jnp.int32),
+                       rng=jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32))
+    if mesh is not None:
+        state = jax.device_put(state, state_shardings(state, mesh, rules))
+    return state
+
+
+# ---------------------------------------------------------------------------
+# Shardings
+# ---------------------------------------------------------------------------
+
+
+def _replicated(mesh):
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def state_shardings(state: TrainState, mesh, rules) -> TrainState:
+    """Params by the logical rules; optimizer leaves shaped like a param follow that param
+    (matched by path suffix, so Adam's mu/nu shard like the weights); the rest replicated."""
+    from kd_flax import sharding
+
+    p_sh = sharding.param_shardings(state.params, mesh, rules)
+    by_path = {}
+    for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(state.params)[0],
+                                jax.tree.leaves(p_sh)):
+        by_path[tuple(path_names(path))] = (np.shape(leaf), sh)
+    rep = _replicated(mesh)
+
+    def opt_leaf(path, leaf):
+        names = tuple(path_names(path))
+        for k in range(len(names)):
+            hit = by_path.get(names[k:])
+            if hit is not None and hit[0] == np.shape(leaf):
+                return hit[1]
+        return rep
+
+    o_sh = jax.tree_util.tree_map_with_path(opt_leaf, state.opt_state)
+    return TrainState(step=rep, params=p_sh, opt_state=o_sh, nan_skips=rep, nan_streak=rep, rng=rep)
+
+
+# ---------------------------------------------------------------------------
+# The loss
+# ---------------------------------------------------------------------------
+
+TERMS = ("ce", "kd", "hidden", "attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """The `loss` block, read once (static for jit)."""
+    ce_weight: float = 1.0
+    label_smoothing: float = 0.0
+    smoothing: str = "fairseq"
+    kd_weight: float = 0.0
+    kd_type: str = "kl"
+    temperature: float = 1.0
+    lam: float = 0.5
+    beta: float = 0.5
+    fused: bool = False
+    topk: int = 8
+    hidden_weight: float = 0.0
+    attention_weight: float = 0.0
+
+    @classmethod
+    def from_config(cls, lcfg) -> "LossSpec":
+        if lcfg is None:
+            return cls()
+        kw = {f.name: _get(lcfg, f.name, f.default) for f in dataclasses.fields(cls)}
+        spec = cls(**kw)
+        _choice(kw, "kd_type", ("kl", "interpolated", "reverse_kl", "jsd", "topk"), "loss")
+        _choice(kw, "smoothing", ("fairseq", "uniform"), "loss")
+        if spec.fused and spec.kd_type != "kl" and spec.kd_weight > 0:
+            raise ValueError(f"loss.fused=True supports loss.kd_type='kl' only, got {spec.kd_type!r}")
+        return spec
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.kd_weight > 0 or self.hidden_weight > 0 or self.attention_weight > 0
+
+
+def _forward(model, batch, *, hidden: bool, attn: bool):
+    """Teacher-forced forward: (logits, encoder output, decoder extras or None)."""
+    extras = hidden or attn
+    enc = model.encode(batch["input_ids"], batch["attention_mask"],
+                       output_hidden_states=hidden, output_attentions=attn)
+    out = model.decode(batch["decoder_input_ids"], enc, batch["attention_mask"],
+                       decoder_attention_mask=batch.get("decoder_attention_mask"),
+                       output_hidden_states=hidden, output_attentions=attn)
+    if extras:
+        logits, _, dec = out
+    else:
+        (logits, _), dec = out, None
+    return logits, enc, dec
+
+
+def _add(a, b):
+    return (a[0] + b[0], a[1] + b[1])
+
+
+def _fused_forward(model, batch, *, hidden: bool, attn: bool):
+    enc = model.encode(batch["input_ids"], batch["attention_mask"],
+                       output_hidden_states=hidden, output_attentions=attn)
+    # output_hidden_states=True is what returns logits_hidden (DecoderExtras)
+    logits, _, dec = model.decode(batch["decoder_input_ids"], enc, batch["attention_mask"],
+                                  decoder_attention_mask=batch.get("decoder_attention_mask"),
+                                  output_hidden_states=True, output_attentions=attn)
+    return logits, enc, dec
+
+
+def loss_terms(params, batch, teacher_params, *, graphdef, teacher_graphdef, spec: LossSpec,
+               layer_map=None, quant_rules=None) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """Every configured loss term as a `(sum, count)` pair (float32 scalars)."""
+    if quant_rules:
+        from kd_flax import quant
+        # DQ-BART: the full-precision params are trained, quantized copies are used forward.
+        params = quant.quantize_params(params, quant_rules)
+    student = nnx.merge(graphdef, params)
+    hidden, attn = spec.hidden_weight > 0, spec.attention_weight > 0
+    fused = spec.fused and spec.kd_weight > 0
+    fwd = _fused_forward if fused else _forward
+    logits, enc, dec = fwd(student, batch, hidden=hidden, attn=attn)
+    labels = batch["labels"]
+    mask = batch["decoder_attention_mask"].astype(jnp.float32)
+    src_mask = batch["attention_mask"].astype(jnp.float32)
+    terms = {}
+    if spec.ce_weight > 0:
+        terms["ce"] = losses.cross_entropy(logits, labels, mask, label_smoothing=spec.label_smoothing,
+                                           smoothing=spec.smoothing)
+    cached_topk = spec.kd_type == "topk" and "teacher_topk_logprobs" in batch
+    online = spec.needs_teacher and not (cached_topk and not hidden and not attn)
+    if online:
+        if teacher_graphdef is None or teacher_params is None:
+            raise ValueError("the loss needs an online teacher (kd_weight/hidden_weight/"
+                             "attention_weight > 0) but no teacher was given")
+        teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
+        t_logits, t_enc, t_dec = fwd(teacher, batch, hidden=hidden, attn=attn)
+        t_logits = jax.lax.stop_gradient(t_logits)
+    if spec.kd_weight > 0:
+        T = spec.temperature
+        if fused:
+            w_s, b_s = student.unembedding()
+            w_t, b_t = teacher.unembedding()
+            terms["kd"] = losses.fused_kd_kl(dec.logits_hidden, w_s, t_dec.logits_hidden, w_t, mask,
+                                             temperature=T, student_bias=b_s, teacher_bias=b_t)
+        elif spec.kd_type == "topk":
+            if cached_topk:
+                lp, ids = batch["teacher_topk_logprobs"], batch["teacher_topk_ids"]
+            else:
+                lp, ids = jax.lax.top_k(jax.nn.log_softmax(t_logits), spec.topk)
+            terms["kd"] = losses.topk_kd(logits, lp, ids, mask, temperature=T)
+        elif spec.kd_type == "kl":
+            terms["kd"] = losses.kd_kl(logits, t_logits, mask, temperature=T)
+        elif spec.kd_type == "interpolated":
+            terms["kd"] = losses.interpolated_kl(logits, t_logits, labels, mask, lam=spec.lam,
+                                                 temperature=T)
+        elif spec.kd_type == "reverse_kl":
+            terms["kd"] = losses.reverse_kl(logits, t_logits, mask, temperature=T)
+        else:
+            terms["kd"] = losses.generalized_jsd(logits, t_logits, mask, beta=spec.beta, temperature=T)
+    if hidden or attn:
+        if layer_map is None:
+            raise ValueError("hidden/attention losses need layer_map (a student.StudentInfo)")
+        zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        h_term, a_term = zero, zero
+        for stack, s_out, t_out, m in (("encoder", enc, t_enc, src_mask), ("decoder", dec, t_dec, mask)):
+            lmap = getattr(layer_map, stack)
+            for i, j in enumerate(lmap):
+                if hidden:
+                    # hidden_states[0] is the embedding output; [i + 1] is layer i's output.
+                    h_term = _add(h_term, losses.hidden_mse(s_out.hidden_states[i + 1],
+                                                            jax.lax.stop_gradient(t_out.hidden_states[j + 1]), m))
+                if attn:
+                    a_term = _add(a_term, losses.attention_mse(
+                        s_out.attentions[i], jax.lax.stop_gradient(t_out.attentions[j]), m, m))
+                    if stack == "decoder":
+                        a_term = _add(a_term, losses.attention_mse(
+                            s_out.cross_attentions[i], jax.lax.stop_gradient(t_out.cross_attentions[j]),
+                            m, src_mask))
+        if hidden:
+            terms["hidden"] = h_term
+        if attn:
+            terms["attention"] = a_term
+    return terms
+
+
+def combine(terms, spec: LossSpec, counts=None) -> jax.Array:
+    """Σ_t w_t · sum_t / count_t (counts default to the terms' own; 0/0 → 0)."""
+    weights = {"ce": spec.ce_weight, "kd": spec.kd_weight, "hidden": spec.hidden_weight,
+               "attention": spec.attention_weight}
+    total = jnp.zeros((), jnp.float32)
+    for k, (s, n) in terms.items():
+        n = n if counts is None else counts[k]
+        total = total + weights[k] * losses.mean((s, n))
+    return total
+
+
+# ---------------------------------------------------------------------------
+# The train step
+# ---------------------------------------------------------------------------
+
+
+def _where_tree(pred, new, old):
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+class TrainStep:
+    """`step(state, batch, teacher_params=None) -> (state, metrics)`; jitted on first call.
+
+    Shardings come from the first state seen (params by logical rules, batch on the data
+    axes); the state argument is donated. Metrics are `(sum, count)` pairs.
+    """
+
+    def __init__(self, fn, tx, *, mesh=None, rules=None):
+        self._fn, self.tx, self.mesh, self.rules = fn, tx, mesh, rules
+        self._jitted = None
+        self._batch_sh = None
+
+    def _build(self, state, teacher_params):
+        if self.mesh is None:
+            self._jitted = jax.jit(self._fn, donate_argnums=(0,))
+            return
+        from kd_flax import sharding
+
+        st_sh = state_shardings(state, self.mesh, self.rules)
+        self._batch_sh = sharding.batch_sharding(self.mesh, self.rules, ndim=2)
+        t_sh = (None if teacher_params is None
+                else sharding.param_shardings(teacher_params, self.mesh, self.rules))
+        rep = _replicated(self.mesh)
+        self._jitted = jax.jit(self._fn, in_shardings=(st_sh, self._batch_sh, t_sh),
+                               out_shardings=(st_sh, rep), donate_argnums=(0,))
+
+    def __call__(self, state, batch, teacher_params=None):
+        if self._jitted is None:
+            self._build(state, teacher_params)
+        batch = {k: jnp.asarray(v) if self._batch_sh is None else jax.device_put(v, self._batch_sh)
+                 for k, v in batch.items()}
+        if self.mesh is None:
+            return self._jitted(state, batch, teacher_params)
+        with jax.set_mesh(self.mesh):
+            return self._jitted(state, batch, teacher_params)
+
+
+def make_train_step(student_graphdef, cfg, *, teacher=None, quant_rules=None, mesh=None, rules=None,
+                    layer_map=None) -> TrainStep:
+    """The jitted train step for a train block `cfg` (`loss`, `optimizer`, `grad_accum`, `steps`).
+
+    Args:
+      student_graphdef: from `nnx.split(student, nnx.Param, ...)`.
+      teacher: the teacher's graphdef (or the teacher model) for online KD / hidden / attention
+        losses; its params are passed to each call, never differentiated or stored.
+      quant_rules: weight fake-quant rules (`kd_flax.quant`), applied inside the loss.
+      mesh, rules: shard the step (`kd_flax.sharding`); None = single device.
+      layer_map: a `student.StudentInfo` for the hidden / attention losses.
+    """
+    spec = LossSpec.from_config(_get(cfg, "loss"))
+    accum = int(_get(cfg, "grad_accum", 1) or 1)
+    tx = make_optimizer(cfg)
+    t_graphdef = None
+    if teacher is not None:
+        t_graphdef = nnx.graphdef(teacher) if isinstance(teacher, nnx.Module) else teacher
+    if spec.needs_teacher and t_graphdef is None and not (spec.kd_type == "topk" and spec.hidden_weight == 0
+                                                          and spec.attention_weight == 0):
+        raise ValueError("loss: kd_weight/hidden_weight/attention_weight > 0 need teacher=...")
+    term_fn = lambda p, b, tp: loss_terms(p, b, tp, graphdef=student_graphdef, teacher_graphdef=t_graphdef,
+                                          spec=spec, layer_map=layer_map, quant_rules=quant_rules)
+
+    def grads_and_terms(params, batch, tp):
+        if accum == 1:
+            def f(p):
+                terms = term_fn(p, batch, tp)
+                return combine(terms, spec), terms
+            (loss, terms), grads = jax.value_and_grad(f, has_aux=True)(params)
+            return loss, terms, grads
+        b = batch["input_ids"].shape[0]
+        if b % accum:
+            raise ValueError(f"grad_accum={accum} must divide the batch size {b}")
+        # Counts depend only on the masks, so this forward is dead code XLA removes.
+        counts = {k: n for k, (_, n) in term_fn(params, batch, tp).items()}
+        # Strided micro-batches: each device keeps a slice of every micro-batch.
+        micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(b // accum, accum, *x.shape[1:]), 0, 1), batch)
+
+        def body(carry, mb):
+            g_acc, l_acc, t_acc = carry
+            def f(p):
+                terms = term_fn(p, mb, tp)
+                return combine(terms, spec, counts), terms
+            (l, terms), g = jax.value_and_grad(f, has_aux=True)(params)
+            t_acc = {k: (t_acc[k][0] + terms[k][0], t_acc[k][1] + terms[k][1]) for k in terms}
+            return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, t_acc), None
+
+        zero_terms = {k: (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)) for k in counts}
+        init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), zero_terms)
+        (grads, loss, terms), _ = jax.lax.scan(body, init, micro)
+        return loss, terms, grads
+
+    def step_fn(state: TrainState, batch, tp):
+        loss, terms, grads = grads_and_terms(state.params, batch, tp)
+        gnorm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=_where_tree(ok, new_params, state.params),
+            opt_state=_where_tree(ok, new_opt, state.opt_state),
+            nan_skips=state.nan_skips + jnp.where(ok, 0, 1),
+            nan_streak=jnp.where(ok, 0, state.nan_streak + 1))
+        one = jnp.ones((), jnp.float32)
+        metrics = {k: (s, n) for k, (s, n) in terms.items()}
+        metrics.update(loss=(loss, one), grad_norm=(gnorm, one),
+                       nan_skipped=(1.0 - ok.astype(jnp.float32), one))
+        return new_state, metrics
+
+    return TrainStep(step_fn, tx, mesh=mesh, rules=rules)
+
+
+def make_eval_step(student_graphdef, *, quant_rules=None):
+    """Jitted dev-loss step: `(params, batch) -> (ce_sum, token_count)` (no smoothing)."""
+    def f(params, batch):
+        if quant_rules:
+            from kd_flax import quant
+            params = quant.quantize_params(params, quant_rules)
+        logits, _, _ = _forward(nnx.merge(student_graphdef, params), batch, hidden=False, attn=False)
+        return losses.cross_entropy(logits, batch["labels"], batch["decoder_attention_mask"].astype(jnp.float32))
+    return jax.jit(f)
