@@ -68,8 +68,8 @@ def get_config(arg=None):
     c.distill.loss.attention_weight = 1.0
     c.variants = {
         "w8a8": {},
-        "w2a8": {"student.quant.weight_bits": 2},
-        "w8a8_small": {"student.encoder_layers": small["enc"], "student.decoder_layers": small["dec"],
-                       "student.layer_map": {"encoder": small["map"], "decoder": small["map"]}},
+        "w2a8": {"student": {"quant": {"weight_bits": 2}}},
+        "w8a8_small": {"student": {"encoder_layers": small["enc"], "decoder_layers": small["dec"],
+                                   "layer_map": {"encoder": small["map"], "decoder": small["map"]}}},
     }
     return c

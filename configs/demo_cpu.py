@@ -69,11 +69,11 @@ def get_config(arg=None):
 
     gold_steps = max(steps // 3, 1)
     c.variants = {
-        "gold": {"distill.stages": [{"targets": "gold", "steps": steps}]},
+        "gold": {"distill": {"stages": [{"targets": "gold", "steps": steps}]}},
         "seqkd": {},
-        "seqkd_then_gold": {"distill.stages": [{"targets": "pseudo", "steps": steps},
-                                               {"targets": "gold", "steps": gold_steps}]},
-        "seqkd_w8a8": {"student.quant.weight_bits": 8, "student.quant.act_bits": 8},
-        "seqkd_w4a8": {"student.quant.weight_bits": 4, "student.quant.act_bits": 8},
+        "seqkd_then_gold": {"distill": {"stages": [{"targets": "pseudo", "steps": steps},
+                                               {"targets": "gold", "steps": gold_steps}]}},
+        "seqkd_w8a8": {"student": {"quant": {"weight_bits": 8, "act_bits": 8}}},
+        "seqkd_w4a8": {"student": {"quant": {"weight_bits": 4, "act_bits": 8}}},
     }
     return c

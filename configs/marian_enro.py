@@ -61,8 +61,8 @@ def get_config(arg=None):
     c.variants = {
         "float": {},
         # Bergamot's 8-bit fine-tuning stage, here as fake-quant W8A8 after the float stage.
-        "int8": {"student.quant.weight_bits": 8, "student.quant.act_bits": 8,
-                 "distill.stages": [{"targets": "pseudo", "steps": steps, "quant": False},
-                                    {"targets": "pseudo", "steps": q_steps}]},
+        "int8": {"student": {"quant": {"weight_bits": 8, "act_bits": 8}},
+                 "distill": {"stages": [{"targets": "pseudo", "steps": steps, "quant": False},
+                                        {"targets": "pseudo", "steps": q_steps}]}},
     }
     return c

@@ -80,7 +80,7 @@ def get_config(arg=None):
     c.distill.stages = [{"targets": "pseudo", "steps": steps}, {"targets": "gold", "steps": gold}]
     c.variants = {
         "seqkd_then_gold": {},
-        "gold_then_seqkd": {"distill.stages": [{"targets": "gold", "steps": gold},
-                                               {"targets": "pseudo", "steps": steps}]},
+        "gold_then_seqkd": {"distill": {"stages": [{"targets": "gold", "steps": gold},
+                                               {"targets": "pseudo", "steps": steps}]}},
     }
     return c

@@ -125,6 +125,7 @@ def base_config() -> ml_collections.ConfigDict:
             "init": "pretrained",
             "model": {},
             "tokenizer": "",
+            "tokenizer_vocab_size": 1000,
             "dtype": "float32",
         },
         "finetune": train_block(steps=0),
@@ -187,26 +188,23 @@ def parse_arg(arg: str | None) -> dict[str, str]:
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
-    """Set dotted keys (`"student.quant.weight_bits": 8`) on a config, refusing unknown keys."""
-    for dotted, value in overrides.items():
+    """Deep-merge a nested dict of overrides into a config (lists and leaves are replaced).
+
+    Variants are written this way: `{"student": {"quant": {"weight_bits": 8}}}`.
+    """
+    flat = _flatten(overrides)
+    for dotted, value in flat.items():
         node = config
         parts = dotted.split(".")
         for p in parts[:-1]:
             if p not in node:
                 raise ValueError(f"override {dotted!r}: unknown key {p!r}")
             node = node[p]
-        if parts[-1] not in node and parts[0] not in FREE_FORM:
+        free = any(dotted.startswith(f + ".") for f in FREE_FORM)
+        if parts[-1] not in node and not free:
             raise ValueError(f"override {dotted!r}: unknown key {parts[-1]!r}")
-        with node.unlocked() if hasattr(node, "unlocked") else _nullcontext():
+        with node.unlocked():
             node[parts[-1]] = value
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 # ---------------------------------------------------------------------------
@@ -311,7 +309,7 @@ def _type_name(default: Any) -> str:
 
 
 def _is_remote(path: str) -> bool:
-    return "://" in path or path.startswith("hf:")
+    return "://" in path or path.startswith(("hf:", "synthetic:"))
 
 
 def _path_exists(spec: str) -> bool:
@@ -379,9 +377,8 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
         if not isinstance(ov, dict):
             problems.append(f"variants.{name}: expected a dict of dotted-key overrides, got {ov!r}")
             continue
-        for dotted in ov:
-            if dotted not in base and not any(dotted.startswith(f + ".") for f in FREE_FORM) \
-                    and dotted not in ("distill.stages",):
+        for dotted in _flatten(ov):
+            if dotted not in base and not any(dotted.startswith(f + ".") for f in FREE_FORM):
                 problems.append(f"variants.{name}: override key {dotted!r} is not a config key")
     axes = cfg["mesh"]["axes"]
     if not isinstance(axes, dict) or not all(isinstance(v, int) for v in axes.values()):

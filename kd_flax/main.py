@@ -20,7 +20,7 @@ from typing import Any, Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kd_flax import config_base
+from kd_flax import config_base, io_utils
 
 STAGES = ("finetune", "generate", "distill", "evaluate", "export")
 STUDENT_STAGES = ("distill", "evaluate", "export")
@@ -73,20 +73,11 @@ def stage_record(stage: str, cfg: dict, hashes: dict[str, str]) -> dict:
 
 
 def _read_json(path: str) -> dict | None:
-    from etils import epath
-    p = epath.Path(path)
-    if not p.exists():
-        return None
-    return json.loads(p.read_text())
+    return io_utils.read_json(path) if io_utils.exists(path) else None
 
 
 def _write_json(path: str, obj: dict) -> None:
-    from etils import epath
-    p = epath.Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = epath.Path(str(p) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    tmp.rename(p) if "://" in str(p) else os.replace(tmp, p)
+    io_utils.atomic_write_json(path, json.loads(json.dumps(obj, default=str)))
 
 
 def run_stage(stage: str, fn: Callable[[Any, str], Any], config, workdir: str,
@@ -121,8 +112,7 @@ def run_stage(stage: str, fn: Callable[[Any, str], Any], config, workdir: str,
 
 
 def _remove_tree(path: str) -> None:
-    from etils import epath
-    p = epath.Path(path)
+    p = io_utils.as_path(path)
     if p.exists():
         p.rmtree()
 
@@ -185,11 +175,50 @@ def variant_workdir(workdir: str, name: str) -> str:
     return vdir
 
 
+def prepare(config, workdir: str, *, is_writer: bool = True) -> None:
+    """Materialise `synthetic:` data specs and, for a teacher trained from scratch, its tokenizer.
+
+    Both are pure functions of the config, so re-running reuses what is there. The config is
+    updated in place to point at the files (under WORKDIR/data and WORKDIR/tokenizer).
+    """
+    from kd_flax import synthetic
+    data_dir = os.path.join(workdir, "data")
+    with config.unlocked():
+        for key in ("train", "dev"):
+            if config.data[key].startswith("synthetic:"):
+                config.data[key] = synthetic.materialize(config.data[key], data_dir) if is_writer \
+                    else os.path.join(data_dir, _synthetic_name(config.data[key]))
+        tests = list(config.data.test)
+        config.data.test = [synthetic.materialize(t, data_dir) if t.startswith("synthetic:") and is_writer
+                            else os.path.join(data_dir, _synthetic_name(t)) if t.startswith("synthetic:") else t
+                            for t in tests]
+        if config.teacher.init == "scratch" and not config.teacher.tokenizer:
+            tok_dir = os.path.join(workdir, "tokenizer")
+            if is_writer and not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+                from kd_flax import data as data_lib
+                from kd_flax.models import train_tokenizer
+                texts = []
+                for ex in data_lib.read_corpus(config.data.train, src_lang=config.data.src_lang,
+                                               tgt_lang=config.data.tgt_lang):
+                    texts.append(ex.src)
+                    if ex.ref:
+                        texts.append(ex.ref)
+                train_tokenizer(texts, config.teacher.tokenizer_vocab_size, path=tok_dir)
+            config.teacher.tokenizer = tok_dir
+    _sync("prepare-done")
+
+
+def _synthetic_name(spec: str) -> str:
+    _, split, n = spec.split(":")
+    return f"{split}-{n}.jsonl"
+
+
 def run(stage: str, config, workdir: str, *, force: bool = False, variants: list[str] | None = None) -> dict:
     """Run one stage (or the pipeline) programmatically; returns {stage or variant/stage: hash}."""
     import jax
     config_base.validate(config)
     is_writer = jax.process_index() == 0
+    prepare(config, workdir, is_writer=is_writer)
     hashes: dict[str, str] = {}
     wanted = STAGES if stage == "pipeline" else (stage,)
     # Upstream hashes come from the stage records already in the workdir.

@@ -86,29 +86,38 @@ def _reorder(words: list[str]) -> list[str]:
     return out
 
 
-def write_task(out_dir: str, *, task: SyntheticTask | None = None, train: int = 20000,
-               dev: int = 300, test: int = 300, test_splits: int = 5) -> dict[str, object]:
-    """Write train/dev/test JSONL files (`src`, `ref`, `refs`) and return their paths.
+def split_seed(name: str) -> int:
+    """Each split name has its own sampling seed: train 1, dev 2, testK 100+K."""
+    if name == "train":
+        return 1
+    if name == "dev":
+        return 2
+    if name.startswith("test") and name[4:].isdigit():
+        return 100 + int(name[4:])
+    raise ValueError(f"synthetic split {name!r} is unknown; allowed: train, dev, test0, test1, ...")
 
-    Files are written to a temp name and renamed, so a crash never leaves a partial file;
-    existing complete files are reused (the content is a pure function of the task).
+
+def write_split(out_dir: str, name: str, n: int, *, task: SyntheticTask | None = None) -> str:
+    """Write one split as JSONL (`src`, `ref`, `refs`) and return its path.
+
+    Written to a temp name and renamed, so a crash never leaves a partial file; an existing
+    file is reused (its content is a pure function of the task, the split name and n).
     """
     task = task or SyntheticTask()
     os.makedirs(out_dir, exist_ok=True)
-    paths: dict[str, object] = {}
+    path = os.path.join(out_dir, f"{name}-{n}.jsonl")
+    if not os.path.exists(path):
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for ex in task.sample(n, split_seed=split_seed(name)):
+                f.write(json.dumps(ex, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    return path
 
-    def dump(name: str, examples: list[dict]) -> str:
-        path = os.path.join(out_dir, name)
-        if not os.path.exists(path):
-            tmp = path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                for ex in examples:
-                    f.write(json.dumps(ex, ensure_ascii=False) + "\n")
-            os.replace(tmp, path)
-        return path
 
-    paths["train"] = dump("train.jsonl", task.sample(train, split_seed=1))
-    paths["dev"] = dump("dev.jsonl", task.sample(dev, split_seed=2))
-    paths["test"] = [dump(f"test{k}.jsonl", task.sample(test, split_seed=100 + k))
-                     for k in range(test_splits)]
-    return paths
+def materialize(spec: str, out_dir: str) -> str:
+    """`synthetic:<split>:<n>` → the path of that split written under `out_dir`."""
+    parts = spec.split(":")
+    if len(parts) != 3 or parts[0] != "synthetic" or not parts[2].isdigit():
+        raise ValueError(f"data spec {spec!r}: expected synthetic:<split>:<n>, e.g. synthetic:train:2000")
+    return write_split(out_dir, parts[1], int(parts[2]))

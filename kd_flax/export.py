@@ -1,0 +1,80 @@
+"""The `export` stage: the trained student as a Hugging Face dir and as integer weights.
+
+- `hf`: `WORKDIR/export/hf/` — loads in transformers (`AutoModelForSeq2SeqLM.from_pretrained`).
+  For a fake-quantized student these are the *dequantized* weights, i.e. exactly the
+  weights its quantized forward used (activation quantization is not expressible in an HF
+  checkpoint; the integer export below carries the weights a runtime would ship).
+- `int`: `WORKDIR/export/int/model.safetensors` + metadata — int8 (int4 / int2 packed)
+  weights and their scales, from `kd_flax.quant.export_quantized`; its real byte size is
+  recorded, answering DQ-BART's "where is the compression?".
+
+`WORKDIR/export/summary.json` records parameter count and sizes (float32 bytes, exported bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from kd_flax import io_utils, quant
+
+
+def quant_rules(config):
+    """The weight-quantization rules of a config's student (None when weights stay float)."""
+    q = config.student.quant
+    if not q.weight_bits:
+        return None
+    scan = bool(config.student.model.get("scan_layers", False)) if hasattr(config.student.model, "get") else False
+    return quant.default_rules(q.weight_bits, granularity=q.granularity, scan_layers=scan)
+
+
+def param_count(state) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state) if hasattr(x, "shape")))
+
+
+def float_nbytes(state) -> int:
+    """Bytes of the parameters stored as float32 (the size an unquantized checkpoint ships)."""
+    return int(sum(np.prod(x.shape) * 4 for x in jax.tree.leaves(state) if hasattr(x, "shape")))
+
+
+def student_model_dir(workdir: str) -> str:
+    return os.path.join(workdir, "distill", "model")
+
+
+def run(config, workdir: str) -> dict:
+    from kd_flax.models import load_pretrained, load_tokenizer, save_pretrained
+
+    src = student_model_dir(workdir)
+    out = os.path.join(workdir, "export")
+    model = load_pretrained(src)
+    tokenizer = load_tokenizer(src)
+    graphdef, state = nnx.split(model)
+    rules = quant_rules(config)
+    summary = {"source": src, "params": param_count(state), "float32_bytes": float_nbytes(state),
+               "weight_bits": int(config.student.quant.weight_bits),
+               "act_bits": int(config.student.quant.act_bits)}
+    if "hf" in config.export.formats:
+        hf_state = quant.quantize_params(state, rules) if rules else state
+        save_pretrained(nnx.merge(graphdef, hf_state), os.path.join(out, "hf"), tokenizer=tokenizer)
+    if "int" in config.export.formats:
+        if rules is None:
+            summary["int_bytes"] = None  # nothing to quantize: the HF export is the artifact
+        else:
+            exported = quant.export_quantized(state, rules)
+            quant.save_quantized(exported, os.path.join(out, "int", "model.safetensors"))
+            summary["int_bytes"] = int(quant.exported_nbytes(exported))
+    if jax.process_index() == 0:
+        io_utils.atomic_write_json(os.path.join(out, "summary.json"), summary)
+    return summary
+
+
+def load_summary(workdir: str) -> dict | None:
+    path = os.path.join(workdir, "export", "summary.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
