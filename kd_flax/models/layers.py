@@ -1,0 +1,343 @@
+"""Shared Flax NNX building blocks for the T5 and BART families.
+
+Every parameter carries its logical axis names in the variable metadata key
+``logical_axes`` (e.g. ``("embed", "mlp")``); :mod:`kd_flax.sharding` maps them to mesh
+axes. We deliberately do not use Flax's ``out_sharding`` metadata: Flax would then try to
+shard eagerly with the *logical* names as if they were mesh axes.
+
+Attention keeps its KV cache as an explicit pytree passed in and returned, so decoding
+loops can be written functionally (beam search reorders the cache on axis 0).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kd_flax import sharding as _sharding
+
+Array = jax.Array
+LOGICAL_AXES = "logical_axes"  # variable metadata key
+
+
+def param(rngs_or_key, init, shape, dtype, axes):
+    """Create an ``nnx.Param`` with logical axis names in its metadata."""
+    return nnx.Param(init(rngs_or_key, shape, dtype), **{LOGICAL_AXES: tuple(axes)})
+
+
+def logical_axes_of(variable) -> tuple | None:
+    """Logical axis names of an ``nnx.Variable`` (None when it has none)."""
+    return variable.get_metadata().get(LOGICAL_AXES)
+
+
+def normal_init(stddev: float):
+    return jax.nn.initializers.normal(stddev)
+
+
+# ----------------------------------------------------------------------------- activations
+
+def gelu_new(x):
+    """GELU, tanh approximation (HF ``gelu_new`` / ``gelu_pytorch_tanh``)."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+ACTIVATIONS: dict[str, Callable] = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
+    "gelu_new": gelu_new,
+    "gelu_pytorch_tanh": gelu_new,
+    "gelu_fast": gelu_new,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def get_activation(name: str) -> Callable:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported; allowed: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+# ----------------------------------------------------------------------------- layers
+
+class Dense(nnx.Module):
+    """``y = x @ kernel + bias`` with ``kernel`` [in, out] (the transpose of torch Linear).
+
+    ``act_quant_bits`` fake-quantizes the *input* activation (dynamic per-tensor, STE) with
+    :func:`kd_flax.quant.fake_quant_activation`; weights are quantized by path rules
+    outside the model.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+                 axes: Sequence[str | None] = ("embed", "mlp"), kernel_init=None,
+                 dtype=jnp.float32, param_dtype=jnp.float32, act_quant_bits: int | None = None,
+                 rngs: nnx.Rngs):
+        kernel_init = kernel_init or jax.nn.initializers.lecun_normal()
+        self.kernel = param(rngs.params(), kernel_init, (in_features, out_features), param_dtype, axes)
+        self.bias = (param(rngs.params(), jax.nn.initializers.zeros, (out_features,), param_dtype,
+                           (axes[-1],)) if use_bias else None)
+        self.dtype = dtype
+        self.act_quant_bits = act_quant_bits
+
+    def __call__(self, x: Array) -> Array:
+        if self.act_quant_bits is not None:
+            # Lazy import: quant.py is an independent module and only needed when quantizing.
+            from kd_flax.quant import fake_quant_activation
+            x = fake_quant_activation(x, self.act_quant_bits)
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding ``embedding`` [V, D]; ``attend`` gives tied-head logits."""
+
+    def __init__(self, num_embeddings: int, features: int, *, axes=("vocab", "embed"),
+                 embedding_init=None, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        embedding_init = embedding_init or normal_init(1.0)
+        self.embedding = param(rngs.params(), embedding_init, (num_embeddings, features), param_dtype, axes)
+        self.dtype = dtype
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: Array) -> Array:
+        """``x @ embedding.T`` in float32 (logits)."""
+        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T,
+                       preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+    """T5 layer norm: no mean subtraction, no bias, variance in float32."""
+
+    def __init__(self, features: int, *, eps: float = 1e-6, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.scale = param(rngs.params(), jax.nn.initializers.ones, (features,), param_dtype, ("embed",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        xf = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
+        y = (xf * jax.lax.rsqrt(var + self.eps)).astype(self.dtype)
+        return self.scale[...].astype(self.dtype) * y
+
+
+class LayerNorm(nnx.Module):
+    """Standard layer norm with ``scale`` and ``bias``; statistics in float32."""
+
+    def __init__(self, features: int, *, eps: float = 1e-5, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.scale = param(rngs.params(), jax.nn.initializers.ones, (features,), param_dtype, ("embed",))
+        self.bias = param(rngs.params(), jax.nn.initializers.zeros, (features,), param_dtype, ("embed",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+def relative_position_bucket(relative_position: Array, *, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> Array:
+    """T5 relative-position buckets, the same integer arithmetic as transformers.
+
+    ``relative_position = key_position - query_position``.
+    """
+    rel = relative_position.astype(jnp.int32)
+    buckets = jnp.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (rel > 0).astype(jnp.int32) * num_buckets
+        rel = jnp.abs(rel)
+    else:
+        rel = -jnp.minimum(rel, 0)
+    max_exact = num_buckets // 2
+    is_small = rel < max_exact
+    # float32 log like torch; clamp to 1 so log(0) never appears (masked by is_small anyway)
+    relf = jnp.maximum(rel, 1).astype(jnp.float32)
+    large = max_exact + (jnp.log(relf / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).astype(jnp.int32)
+    large = jnp.minimum(large, num_buckets - 1)
+    return buckets + jnp.where(is_small, rel, large)
+
+
+NEG_INF = float(np.finfo(np.float32).min)
+
+
+class MultiHeadAttention(nnx.Module):
+    """Multi-head attention with q/k/v/out projections ``q_proj, k_proj, v_proj, out_proj``.
+
+    Kernels are 2-D ([D, H*Dh] and [H*Dh, D]) so quantization rules and HF name tables see
+    plain matrices. Scores and softmax are float32.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, head_dim: int, *, use_bias: bool,
+                 qk_scale: float | None = None, q_init=None, kv_init=None, out_init=None,
+                 dtype=jnp.float32, param_dtype=jnp.float32, act_quant_bits: int | None = None,
+                 rngs: nnx.Rngs):
+        inner = num_heads * head_dim
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                  act_quant_bits=act_quant_bits, rngs=rngs)
+        self.q_proj = Dense(d_model, inner, axes=("embed", "heads"), kernel_init=q_init, **kw)
+        self.k_proj = Dense(d_model, inner, axes=("embed", "heads"), kernel_init=kv_init, **kw)
+        self.v_proj = Dense(d_model, inner, axes=("embed", "heads"), kernel_init=kv_init, **kw)
+        self.out_proj = Dense(inner, d_model, axes=("heads", "embed"), kernel_init=out_init, **kw)
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.qk_scale = head_dim ** -0.5 if qk_scale is None else qk_scale
+        self.dtype = dtype
+
+    def _split(self, x: Array) -> Array:
+        return x.reshape(x.shape[:-1] + (self.num_heads, self.head_dim))
+
+    def project_kv(self, x: Array) -> dict:
+        """Keys/values ``{'k','v'}`` [B, S, H, Dh] of ``x`` (cross-attention cache)."""
+        k = _sharding.constrain(self._split(self.k_proj(x)), ("cache_batch", "length", "heads", "kv"))
+        v = _sharding.constrain(self._split(self.v_proj(x)), ("cache_batch", "length", "heads", "kv"))
+        return {"k": k, "v": v}
+
+    def __call__(self, x: Array, kv_input: Array | None = None, *, kv: dict | None = None,
+                 mask: Array | None = None, bias: Array | None = None, cache: dict | None = None,
+                 cache_index: Array | None = None, output_attentions: bool = False):
+        """Attend from ``x`` [B, T, D].
+
+        Keys/values come from ``kv`` (precomputed ``{'k','v'}``), else from ``kv_input``
+        (cross-attention), else from ``x`` (self-attention). With ``cache`` (self-attention
+        cache ``{'k','v'}`` [B, L, H, Dh]) the new keys/values are written at
+        ``cache_index`` and the query attends over the whole cache.
+        ``mask``: bool, broadcastable to [B, H, T, S], True = may attend.
+        ``bias``: additive float, broadcastable to [B, H, T, S] (T5 position bias).
+        Returns ``(out [B, T, D], new_cache or None, weights [B, H, T, S] float32 or None)``.
+        """
+        q = self._split(self.q_proj(x))
+        if kv is None:
+            kv = self.project_kv(x if kv_input is None else kv_input)
+        k, v = kv["k"], kv["v"]
+        new_cache = None
+        if cache is not None:
+            idx = jnp.asarray(cache_index, jnp.int32)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, idx, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, idx, 0, 0))
+            new_cache = {"k": k, "v": v}
+        scores = jnp.einsum("bthd,bshd->bhts", q.astype(self.dtype), k.astype(self.dtype),
+                            preferred_element_type=jnp.float32)
+        if self.qk_scale != 1.0:
+            scores = scores * self.qk_scale
+        if bias is not None:
+            scores = scores + bias.astype(jnp.float32)
+        if mask is not None:
+            scores = jnp.where(mask, scores, NEG_INF)
+        weights = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("bhts,bshd->bthd", weights.astype(self.dtype), v.astype(self.dtype))
+        out = out.reshape(out.shape[:2] + (self.num_heads * self.head_dim,))
+        out = _sharding.constrain(self.out_proj(out), ("batch", "length", "embed"))
+        return out, new_cache, (weights if output_attentions else None)
+
+
+def init_kv_cache(batch_size: int, max_length: int, num_heads: int, head_dim: int, dtype) -> dict:
+    """Empty self-attention cache ``{'k','v'}`` [B, L, H, Dh]."""
+    shape = (batch_size, max_length, num_heads, head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+# ----------------------------------------------------------------------------- masks
+
+def padding_mask(query_valid: Array | None, key_valid: Array) -> Array:
+    """[B, 1, T|1, S] bool mask from key padding ``key_valid`` [B, S] (1 = token)."""
+    del query_valid  # padded queries are ignored by the callers; HF does not mask them either
+    return key_valid.astype(bool)[:, None, None, :]
+
+
+def causal_mask(query_positions: Array, key_length: int) -> Array:
+    """[1, 1, T, S] bool: key position <= query position. ``query_positions`` [T]."""
+    keys = jnp.arange(key_length)
+    return (keys[None, :] <= query_positions[:, None])[None, None]
+
+
+# ----------------------------------------------------------------------------- layer stacks
+
+def remat_policy(remat) -> tuple[bool, Any]:
+    """``remat`` option → (enabled, jax checkpoint policy).
+
+    False/None/"none" → disabled; True/"full"/"nothing_saveable" → recompute everything;
+    any other name of ``jax.checkpoint_policies`` (e.g. ``"dots_saveable"``,
+    ``"dots_with_no_batch_dims_saveable"``) → that policy.
+    """
+    if remat in (False, None, "none", ""):
+        return False, None
+    if remat is True or remat == "full":
+        return True, None
+    if isinstance(remat, str) and hasattr(jax.checkpoint_policies, remat):
+        return True, getattr(jax.checkpoint_policies, remat)
+    allowed = ["none", "full"] + [n for n in dir(jax.checkpoint_policies) if n.endswith("saveable")]
+    raise ValueError(f"remat={remat!r} is not supported; allowed: True/False or one of {allowed}")
+
+
+def make_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, *, scan: bool,
+                rngs: nnx.Rngs):
+    """Build a layer stack: ``nnx.List`` of layers, or (``scan``) one layer module whose
+    params are stacked on a leading ``layers`` axis (logical name ``"layers"``)."""
+    if not scan:
+        return nnx.List([make_layer(rngs) for _ in range(num_layers)])
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(r):
+        return make_layer(r)
+
+    stacked = make(rngs)
+    for _, var in nnx.iter_graph(stacked):
+        if isinstance(var, nnx.Variable):
+            axes = logical_axes_of(var)
+            if axes is not None:
+                var.set_metadata(**{LOGICAL_AXES: ("layers",) + tuple(axes)})
+    return stacked
+
+
+def apply_layers(layers, fn: Callable, carry, xs, *, scan: bool, remat=False):
+    """Run ``fn(layer, carry, x) -> (carry, y)`` over a stack built by :func:`make_layers`.
+
+    ``xs``/returned ``ys``: per-layer inputs/outputs; a Python list (one pytree per layer)
+    when not scanning, a pytree stacked on axis 0 when scanning (``None`` allowed).
+    ``remat`` is the option understood by :func:`remat_policy`.
+    """
+    enabled, policy = remat_policy(remat)
+    if scan:
+        graphdef, state = nnx.split(layers)
+
+        def body(c, inp):
+            st, x = inp
+            return fn(nnx.merge(graphdef, st), c, x)
+
+        if enabled:
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        return jax.lax.scan(body, carry, (state, xs))
+
+    ys = []
+    for i, layer in enumerate(layers):
+        x = None if xs is None else xs[i]
+        if enabled:
+            graphdef, state = nnx.split(layer)
+
+            def call(st, c, x_, graphdef=graphdef):
+                return fn(nnx.merge(graphdef, st), c, x_)
+
+            carry, y = jax.checkpoint(call, policy=policy)(state, carry, x)
+        else:
+            carry, y = fn(layer, carry, x)
+        ys.append(y)
+    return carry, ys
