@@ -1,0 +1,611 @@
+"""The teacher job: translate the training corpus into pseudo-label shards, resumably.
+
+``run(config, workdir)`` writes ``workdir/generate/``:
+
+* ``part-00000.jsonl`` ... (``part-pPPP-00000.jsonl`` per process when multi-host): one JSON
+  object a line, sorted by ``id``: ``id``, ``src``, ``ref`` (the corpus reference or null),
+  ``hyp`` (the chosen teacher output), ``score`` (its length-normalised score) and, with
+  ``generate.write_nbest``, ``hyps``, ``scores``, ``sum_logprobs`` (the n-best list);
+* ``dropped-*.jsonl``: examples removed by a filter, with ``reason`` and ``value``;
+* ``part-*.stats.json``: per-shard counts; ``manifest.json``: settings, teacher checksum,
+  counts (read, bad lines by kind, generated, kept, dropped by filter), status.
+
+Why shards: a shard is a fixed, contiguous range of this process's corpus slice, so the set
+of shards and the content of each depend only on the corpus and the settings. A shard's
+``part`` file is written last, atomically, and marks it done; a re-run after a crash (even
+``kill -9``) redoes only shards without one and ends with exactly the files of an
+uninterrupted run. A manifest written with other settings (teacher weights, decoding or data
+options) makes the job refuse to start, naming the changed keys.
+
+Multi-host: every process reads the corpus, keeps its contiguous slice
+(``jax.process_index()``) and generates on its own local devices (the mesh is built over
+``jax.local_devices()``, so processes never wait on each other mid-run); process 0 writes
+the manifest once every process's shards exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from kd_flax import data as data_lib
+from kd_flax import io_utils
+
+log = logging.getLogger(__name__)
+
+OUT_SUBDIR = "generate"
+MANIFEST = "manifest.json"
+SELECT_CHOICES = ("best", "bleu", "chrf")
+FILTERS = ("max_length_ratio", "min_score", "min_ref_chrf")
+_GEN_KWARGS = ("max_new_tokens", "num_beams", "num_return_sequences", "length_penalty",
+               "early_stopping", "do_sample", "temperature", "top_k", "top_p")
+
+
+class GenerateError(ValueError):
+    """A refused or impossible generation job (message says why and what to do)."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _get(cfg, key, default=None):
+    try:
+        return cfg[key] if key in cfg else default
+    except TypeError:
+        return getattr(cfg, key, default)
+
+
+def validate_config(config) -> None:
+    """Checks the keys this stage reads; raises ``ValueError`` naming the key and allowed values."""
+    g = config.generate
+    problems = []
+
+    def need(key, ok, allowed):
+        if not ok:
+            problems.append(f"generate.{key}: {_get(g, key)!r} is not allowed; allowed: {allowed}")
+
+    for key in ("num_beams", "num_return_sequences", "max_new_tokens", "batch_size", "shard_size"):
+        v = _get(g, key)
+        need(key, isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1")
+    need("select", _get(g, "select") in SELECT_CHOICES, list(SELECT_CHOICES))
+    need("temperature", isinstance(_get(g, "temperature"), (int, float)) and _get(g, "temperature") > 0,
+         "a number > 0")
+    need("top_p", isinstance(_get(g, "top_p"), (int, float)) and 0 < _get(g, "top_p") <= 1, "(0, 1]")
+    need("top_k", isinstance(_get(g, "top_k"), int) and _get(g, "top_k") >= 0, "an int >= 0")
+    for key in ("do_sample", "early_stopping", "write_nbest"):
+        need(key, isinstance(_get(g, key), bool), "True or False")
+    if not problems and not g.do_sample and g.num_return_sequences > g.num_beams:
+        problems.append(f"generate.num_return_sequences: {g.num_return_sequences} must be <= "
+                        f"generate.num_beams ({g.num_beams}) for beam search")
+    filters = _get(g, "filters") or {}
+    for key in filters:
+        if key not in FILTERS:
+            problems.append(f"generate.filters.{key}: unknown filter; allowed: {list(FILTERS)}")
+    for key in ("max_length_ratio", "min_ref_chrf"):
+        v = _get(filters, key)
+        if v is not None and not (isinstance(v, (int, float)) and v >= 0):
+            problems.append(f"generate.filters.{key}: {v!r} is not allowed; allowed: a number >= 0 "
+                            f"(0 or None = off)")
+    v = _get(filters, "min_score")
+    if v is not None and not isinstance(v, (int, float)):
+        problems.append(f"generate.filters.min_score: {v!r} is not allowed; allowed: a number or None")
+    d = config.data
+    if not _get(d, "train"):
+        problems.append("data.train: required (a corpus spec: file.tsv, file.jsonl, "
+                        "train.{lang}.gz, a+b, hf:NAME@SPLIT)")
+    msl = _get(d, "max_source_length")
+    if not (isinstance(msl, int) and msl >= 2):
+        problems.append(f"data.max_source_length: {msl!r} is not allowed; allowed: an int >= 2")
+    bb = _get(d, "bucket_boundaries") or ()
+    if not all(isinstance(b, int) and b >= 1 for b in bb):
+        problems.append(f"data.bucket_boundaries: {bb!r} is not allowed; allowed: ints >= 1")
+    if problems:
+        raise ValueError("invalid generate config:\n  " + "\n  ".join(problems))
+
+
+def _plain(x):
+    """ConfigDict / tuples → JSON-friendly dicts and lists (for hashing and the manifest)."""
+    if hasattr(x, "to_dict"):
+        x = x.to_dict()
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _diff_keys(old, new, prefix=""):
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _diff_keys(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else k)
+        return out
+    return [] if old == new else [prefix or "<root>"]
+
+
+def teacher_dir(config, workdir) -> str:
+    """The teacher checkpoint: ``workdir/finetune/model`` when trained here, else ``teacher.path``."""
+    trained = os.path.join(os.fspath(workdir), "finetune", "model")
+    if io_utils.exists(trained):
+        return trained
+    path = _get(config.teacher, "path")
+    if not path:
+        raise ValueError(f"teacher.path: required (an HF checkpoint dir); {trained} does not exist either")
+    if not io_utils.exists(path):
+        raise ValueError(f"teacher.path: {path!r} does not exist")
+    return path
+
+
+def job_settings(config, teacher_path: str, tokenizer_path: str, process_count: int) -> dict:
+    """Everything the output depends on; a change in any of it must not mix outputs."""
+    d = config.data
+    return {
+        "teacher": {"checksum": io_utils.tree_checksum(teacher_path),
+                    "tokenizer_checksum": io_utils.tree_checksum(tokenizer_path)},
+        "data": {k: _plain(_get(d, k)) for k in ("train", "src_lang", "tgt_lang", "source_prefix",
+                                                   "max_source_length", "bucket_boundaries",
+                                                   "max_train_examples")},
+        "generate": _plain(config.generate),
+        "process_count": int(process_count),
+    }
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    process: int
+    index: int
+    start: int  # into this process's slice
+    end: int
+
+    def name(self, process_count: int) -> str:
+        if process_count == 1:
+            return f"part-{self.index:05d}"
+        return f"part-p{self.process:03d}-{self.index:05d}"
+
+
+def plan_shards(n_examples: int, shard_size: int, process_index: int,
+                process_count: int) -> tuple[tuple[int, int], list[Shard]]:
+    """This process's slice ``[start, end)`` of the corpus and its shards (pure function)."""
+    start, end = data_lib.host_range(n_examples, process_index, process_count)
+    n = end - start
+    shards = [Shard(process_index, k, s, min(s + shard_size, n))
+              for k, s in enumerate(range(0, n, shard_size))]
+    return (start, end), shards
+
+
+def all_shard_names(n_examples: int, shard_size: int, process_count: int) -> list[str]:
+    names = []
+    for p in range(process_count):
+        _, shards = plan_shards(n_examples, shard_size, p, process_count)
+        names += [s.name(process_count) for s in shards]
+    return names
+
+
+def _batch_seed(seed: int, process: int, shard: int, batch: int) -> int:
+    # Sampling seeds depend on the shard and batch position only, so a resumed shard samples
+    # exactly what the interrupted one would have.
+    return int(np.random.SeedSequence([seed, process, shard, batch]).generate_state(1)[0] >> 1)
+
+
+# ----------------------------------------------------------------------------- selection / filters
+
+
+def select_candidate(hyps: list[str], scores: list[float], ref: str | None, select: str) -> int:
+    """Index of the candidate to keep: highest score, or (SeqInter) closest to ``ref``.
+
+    Ties go to the higher-scored (earlier after sorting by score) candidate.
+    """
+    order = sorted(range(len(hyps)), key=lambda i: (-scores[i], i))
+    if select == "best" or ref is None:
+        return order[0]
+    import sacrebleu
+
+    if select == "bleu":
+        sim = [sacrebleu.sentence_bleu(hyps[i], [ref]).score for i in order]
+    elif select == "chrf":
+        sim = [sacrebleu.sentence_chrf(hyps[i], [ref]).score for i in order]
+    else:
+        raise ValueError(f"generate.select: {select!r} is not allowed; allowed: {list(SELECT_CHOICES)}")
+    return order[int(np.argmax(sim))]  # argmax takes the first maximum
+
+
+def apply_filters(rec: dict, n_src_tokens: int, n_hyp_tokens: int, filters) -> tuple[str, float] | None:
+    """``(reason, value)`` of the first filter that drops ``rec``, or None to keep it."""
+    ratio_max = _get(filters, "max_length_ratio")
+    if ratio_max:
+        s, h = max(n_src_tokens, 0), max(n_hyp_tokens, 0)
+        ratio = float("inf") if min(s, h) == 0 else max(h / s, s / h)
+        if ratio > ratio_max:
+            return "max_length_ratio", ratio
+    min_score = _get(filters, "min_score")
+    if min_score is not None and rec["score"] < min_score:
+        return "min_score", rec["score"]
+    min_chrf = _get(filters, "min_ref_chrf")
+    if min_chrf:
+        import sacrebleu
+
+        chrf = sacrebleu.sentence_chrf(rec["hyp"], [rec["ref"]]).score
+        if chrf < min_chrf:
+            return "min_ref_chrf", chrf
+    return None
+
+
+# ----------------------------------------------------------------------------- model / step
+
+
+def _load_teacher(config, teacher_path, tokenizer_path, mesh, rules):
+    from kd_flax import models
+
+    kw = {} if mesh is None else {"mesh": mesh, "rules": rules}
+    dtype = _get(config.teacher, "dtype")
+    if dtype and dtype != "float32":
+        import jax.numpy as jnp
+
+        kw["dtype"] = getattr(jnp, dtype)
+    model = models.load_pretrained(teacher_path, **kw)
+    if hasattr(models, "load_tokenizer"):
+        tokenizer = models.load_tokenizer(tokenizer_path)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    return model, tokenizer
+
+
+def _make_mesh(config):
+    """A mesh over this process's devices when there is more than one, else None."""
+    devices = jax.local_devices()
+    if len(devices) <= 1:
+        return None, None
+    from kd_flax import sharding
+
+    axes = dict(_plain(config.mesh.axes))
+    rules = _get(config.mesh, "rules")
+    rules = tuple(tuple(r) for r in _plain(rules)) if rules else sharding.DEFAULT_RULES
+    rules = tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in rules)
+    return sharding.make_mesh(axes, devices=devices), rules
+
+
+class GenerateStep:
+    """Jitted ``(input_ids, attention_mask, seed) -> (sequences, scores, sum_logprobs)``.
+
+    The model crosses the jit boundary as state (``nnx.split``) so its weights are an
+    argument, not constants baked into each compiled program. One compilation per
+    ``[batch_size, bucket_length]`` shape; ``compilations()`` reports the count.
+    """
+
+    def __init__(self, model, generate_fn: Callable, gen_kwargs: dict, mesh=None, rules=None):
+        from flax import nnx
+
+        if isinstance(model, nnx.Module):
+            graphdef, state = nnx.split(model)
+            merge = lambda st: nnx.merge(graphdef, st)  # noqa: E731
+        else:  # a plain pytree model (tests)
+            state, merge = model, (lambda st: st)
+        self.state, self.mesh, self.traces = state, mesh, 0
+        kwargs = dict(gen_kwargs)
+        sample = kwargs.get("do_sample", False)
+
+        def step(state, input_ids, attention_mask, seed):
+            self.traces += 1  # runs at trace time only: counts compilations
+            out = generate_fn(merge(state), input_ids, attention_mask,
+                              seed=seed if sample else 0, **kwargs)
+            return out.sequences, out.scores, out.sum_logprobs
+
+        if mesh is None:
+            self._fn = jax.jit(step)
+            self._in = None
+        else:
+            from jax.sharding import NamedSharding, PartitionSpec as P
+
+            from kd_flax import sharding
+
+            self._in = sharding.batch_sharding(mesh, rules, ndim=2)
+            batch_axes = self._in.spec[0]
+            out_sh = (NamedSharding(mesh, P(batch_axes, None, None)),
+                      NamedSharding(mesh, P(batch_axes, None)), NamedSharding(mesh, P(batch_axes, None)))
+            state_sh = jax.tree.map(lambda x: x.sharding, state)
+            self._fn = jax.jit(step, in_shardings=(state_sh, self._in, self._in,
+                                                   NamedSharding(mesh, P())),
+                               out_shardings=out_sh)
+
+    def compilations(self) -> int:
+        return self.traces
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray, seed: int):
+        seed = np.int32(seed)
+        if self.mesh is None:
+            out = self._fn(self.state, input_ids, attention_mask, seed)
+        else:
+            with jax.set_mesh(self.mesh):
+                ids = jax.device_put(input_ids, self._in)
+                mask = jax.device_put(attention_mask, self._in)
+                out = self._fn(self.state, ids, mask, seed)
+        return tuple(np.asarray(jax.device_get(x)) for x in out)
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def _read_manifest(out_dir):
+    path = io_utils.join(out_dir, MANIFEST)
+    return io_utils.read_json(path) if io_utils.exists(path) else None
+
+
+def run(config, workdir, *, force: bool = False, generate_fn: Callable | None = None,
+        load_fn: Callable | None = None, process_index: int | None = None,
+        process_count: int | None = None, on_shard_done: Callable[[str], Any] | None = None,
+        progress: bool | None = None) -> dict:
+    """Runs (or resumes, or skips) the generation job; returns the manifest dict.
+
+    Args:
+      config: the full ``ml_collections`` config (keys ``teacher``, ``data``, ``generate``, ``mesh``).
+      workdir: output root; files go to ``workdir/generate/``.
+      force: delete outputs made with other settings instead of refusing.
+      generate_fn: decoding function (default ``kd_flax.decoding.generate``).
+      load_fn: ``(config, teacher_path, tokenizer_path, mesh, rules) -> (model, tokenizer)``
+        (default: ``kd_flax.models.load_pretrained`` + the tokenizer of that dir).
+      process_index, process_count: override ``jax.process_index()/process_count()``
+        (to simulate hosts in tests).
+      on_shard_done: called with each shard's name after it is committed.
+      progress: show a tqdm bar (default: when stderr is a terminal).
+    """
+    validate_config(config)
+    pi = jax.process_index() if process_index is None else int(process_index)
+    pc = jax.process_count() if process_count is None else int(process_count)
+    simulated = process_index is not None or process_count is not None
+    out_dir = io_utils.makedirs(io_utils.join(workdir, OUT_SUBDIR))
+    t_path = teacher_dir(config, workdir)
+    tok_path = _get(config.teacher, "tokenizer") or t_path
+    settings = job_settings(config, t_path, tok_path, pc)
+    config_hash = io_utils.json_hash(settings)
+
+    old = _read_manifest(out_dir)
+    if old is not None and old.get("config_hash") != config_hash:
+        changed = _diff_keys(old.get("settings", {}), settings) or ["<settings>"]
+        if not force:
+            raise GenerateError(
+                f"{out_dir} holds pseudo-labels made with other settings; changed: "
+                f"{', '.join(changed)}. Use another workdir, or force=True (--force) to redo them.")
+        log.warning("force: deleting %s (changed: %s)", out_dir, ", ".join(changed))
+        if pi == 0:
+            for f in out_dir.iterdir():
+                f.unlink() if not f.is_dir() else f.rmtree()
+        old = None
+    if old is not None and old.get("status") == "done":
+        log.info("generate: %s is done already (config %s), skipped", out_dir, config_hash[:12])
+        return old
+
+    g, d = config.generate, config.data
+    corpus = data_lib.read_corpus(d.train, src_lang=_get(d, "src_lang") or None,
+                                  tgt_lang=_get(d, "tgt_lang") or None)
+    report = corpus.report
+    limit = int(_get(d, "max_train_examples") or 0)
+    examples = list(corpus[:limit] if limit > 0 else corpus)
+    needs_ref = g.select != "best" or bool(_get(g.filters, "min_ref_chrf"))
+    if needs_ref and any(ex.ref is None for ex in examples):
+        raise GenerateError(f"generate.select={g.select!r} / generate.filters.min_ref_chrf need a "
+                            f"reference for every example, but {d.train} has sources without one")
+    (lo, hi), shards = plan_shards(len(examples), g.shard_size, pi, pc)
+    local = examples[lo:hi]
+    base = {"stage": "generate", "config_hash": config_hash, "settings": settings,
+            "teacher": {"path": os.fspath(t_path), "tokenizer": os.fspath(tok_path),
+                        **settings["teacher"]},
+            "decoding": _plain(g), "corpus": report.as_dict(),
+            "shards": all_shard_names(len(examples), g.shard_size, pc)}
+    if pi == 0:
+        io_utils.atomic_write_json(io_utils.join(out_dir, MANIFEST),
+                                   dict(base, status="running", updated=time.time()))
+
+    pending = [s for s in shards if not io_utils.exists(io_utils.join(out_dir, s.name(pc) + ".jsonl"))]
+    log.info("generate: %d examples (%d bad lines), process %d/%d has %d shards, %d to do",
+             len(examples), report.num_bad, pi, pc, len(shards), len(pending))
+    if pending:
+        _generate_shards(config, pending, local, out_dir, pc, t_path, tok_path, generate_fn,
+                         load_fn, on_shard_done, progress)
+
+    if pc > 1 and not simulated:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("kd_flax-generate-done")
+    if pi != 0:
+        return dict(base, status="running")
+    return _finish(out_dir, base, report, len(examples))
+
+
+def _finish(out_dir, base, report, n_examples) -> dict:
+    """Process 0: when every shard of every process exists, sum the stats and mark done."""
+    missing = [n for n in base["shards"] if not io_utils.exists(io_utils.join(out_dir, n + ".jsonl"))]
+    if missing:
+        log.warning("generate: %d shards of other processes are not done yet (%s ...); "
+                    "manifest stays 'running'", len(missing), missing[0])
+        return dict(base, status="running", missing=missing)
+    counts = {"read": report.read, "bad": dict(sorted(report.bad.items())),
+              "examples": n_examples, "generated": 0, "kept": 0, "dropped": {},
+              "truncated_source": 0, "tokens": 0}
+    seconds = 0.0
+    dropped_files = []
+    for name in base["shards"]:
+        st = io_utils.read_json(io_utils.join(out_dir, name + ".stats.json"))
+        for k in ("generated", "kept", "truncated_source", "tokens"):
+            counts[k] += st[k]
+        for reason, c in st["dropped"].items():
+            counts["dropped"][reason] = counts["dropped"].get(reason, 0) + c
+        if st["dropped"]:
+            dropped_files.append(st["dropped_file"])
+        seconds += st["seconds"]
+    manifest = dict(base, status="done", counts=counts, dropped_files=dropped_files,
+                    generate_seconds=round(seconds, 3), updated=time.time())
+    io_utils.atomic_write_json(io_utils.join(out_dir, MANIFEST), manifest)
+    log.info("generate: done: %s", counts)
+    return manifest
+
+
+def _generate_shards(config, pending, local, out_dir, pc, t_path, tok_path, generate_fn,
+                     load_fn, on_shard_done, progress):
+    g, d = config.generate, config.data
+    mesh, rules = _make_mesh(config)
+    model, tokenizer = (load_fn or _load_teacher)(config, t_path, tok_path, mesh, rules)
+    if generate_fn is None:
+        from kd_flax.decoding import generate as generate_fn
+    gen_kwargs = {k: _plain(g[k]) for k in _GEN_KWARGS}
+    step = GenerateStep(model, generate_fn, gen_kwargs, mesh, rules)
+    if mesh is not None:
+        n_data = int(np.prod([mesh.shape[a] for a in _as_tuple(step._in.spec[0])]))
+        if g.batch_size % n_data:
+            raise ValueError(f"generate.batch_size ({g.batch_size}) must be divisible by the "
+                             f"{n_data} devices the batch is split over (mesh.axes={dict(mesh.shape)})")
+    boundaries = data_lib.normalize_boundaries(_get(d, "bucket_boundaries"), d.max_source_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    special = set(tokenizer.all_special_ids)
+    eos = tokenizer.eos_token_id
+
+    from tqdm.auto import tqdm
+
+    total = sum(s.end - s.start for s in pending)
+    bar = tqdm(total=total, unit="sent", desc="generate", dynamic_ncols=True,
+               disable=(not progress) if progress is not None else None)
+    t_start, n_sent, n_tok = time.time(), 0, 0
+    try:
+        for shard in pending:
+            t0 = time.time()
+            stats = _run_shard(config, shard, local[shard.start:shard.end], step, tokenizer,
+                               boundaries, pad_id, eos, special, out_dir, pc)
+            n_sent += stats["generated"]
+            n_tok += stats["tokens"]
+            el = max(time.time() - t_start, 1e-9)
+            bar.update(stats["generated"])
+            bar.set_postfix(sent_s=f"{n_sent / el:.1f}", tok_s=f"{n_tok / el:.0f}")
+            log.info("generate: %s done: %d kept, %d dropped, %.1f sent/s, %.0f tok/s (%d compilations)",
+                     shard.name(pc), stats["kept"], sum(stats["dropped"].values()),
+                     stats["generated"] / max(time.time() - t0, 1e-9),
+                     stats["tokens"] / max(time.time() - t0, 1e-9), step.compilations())
+            if on_shard_done is not None:
+                on_shard_done(shard.name(pc))
+    finally:
+        bar.close()
+    return step
+
+
+def _as_tuple(x):
+    if x is None:
+        return ()
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _run_shard(config, shard, examples, step, tokenizer, boundaries, pad_id, eos, special,
+               out_dir, pc) -> dict:
+    g, d = config.generate, config.data
+    t0 = time.time()
+    report = data_lib.CorpusReport()
+    tok_ex = data_lib.tokenize_examples(examples, tokenizer, max_source_length=d.max_source_length,
+                                        source_prefix=_get(d, "source_prefix") or "", report=report)
+    src_counts = None
+    if _get(g.filters, "max_length_ratio"):
+        src_counts = [len(ids) for ids in tokenizer([ex.src for ex in examples],
+                                                    add_special_tokens=False)["input_ids"]]
+    records: dict[int, dict] = {}
+    dropped: list[dict] = []
+    n_tokens = 0
+    for j, batch in enumerate(data_lib.generation_batches(tok_ex, g.batch_size, boundaries, pad_id)):
+        seqs, scores, sum_lp = step(batch["input_ids"], batch["attention_mask"],
+                                    _batch_seed(g.seed, shard.process, shard.index, j))
+        rows = np.flatnonzero(batch["valid"])
+        n_ret = seqs.shape[1]
+        token_lists, lengths = [], []
+        for i in rows:
+            for r in range(n_ret):
+                toks = seqs[i, r].tolist()
+                end = toks.index(eos) + 1 if eos is not None and eos in toks else len(toks)
+                toks = toks[:end]
+                n_tokens += len(toks)
+                token_lists.append(toks)
+                lengths.append(sum(1 for t in toks if t not in special))
+        texts = tokenizer.batch_decode(token_lists, skip_special_tokens=True)
+        for k, i in enumerate(rows):
+            ex = examples[batch["rows"][i]]
+            hyps = [t.strip() for t in texts[k * n_ret:(k + 1) * n_ret]]
+            sc = [float(x) for x in scores[i]]
+            choice = select_candidate(hyps, sc, ex.ref, g.select)
+            rec = {"id": ex.id, "src": ex.src, "ref": ex.ref, "hyp": hyps[choice], "score": sc[choice]}
+            if g.write_nbest:
+                rec.update(hyps=hyps, scores=sc, sum_logprobs=[float(x) for x in sum_lp[i]])
+            n_src = src_counts[batch["rows"][i]] if src_counts is not None else 0
+            verdict = apply_filters(rec, n_src, lengths[k * n_ret + choice], g.filters)
+            if verdict is None:
+                records[ex.id] = rec
+            else:
+                dropped.append(dict(rec, reason=verdict[0], value=verdict[1]))
+    name = shard.name(pc)
+    by_reason: dict[str, int] = {}
+    for rec in dropped:
+        by_reason[rec["reason"]] = by_reason.get(rec["reason"], 0) + 1
+    dropped_file = name.replace("part-", "dropped-") + ".jsonl"
+    if dropped:
+        io_utils.atomic_write_jsonl(io_utils.join(out_dir, dropped_file),
+                                    sorted(dropped, key=lambda r: r["id"]))
+    stats = {"shard": name, "examples": len(examples), "generated": len(examples),
+             "kept": len(records), "dropped": by_reason, "dropped_file": dropped_file,
+             "truncated_source": report.truncated_source, "tokens": n_tokens,
+             "first_id": examples[0].id if examples else None,
+             "last_id": examples[-1].id if examples else None,
+             "seconds": round(time.time() - t0, 3)}
+    io_utils.atomic_write_json(io_utils.join(out_dir, name + ".stats.json"), stats)
+    # The part file is the shard's commit marker: written last.
+    io_utils.atomic_write_jsonl(io_utils.join(out_dir, name + ".jsonl"),
+                                [records[k] for k in sorted(records)])
+    return stats
+
+
+# ----------------------------------------------------------------------------- reading back
+
+
+def output_dir(workdir_or_dir) -> str:
+    p = io_utils.as_path(workdir_or_dir)
+    if io_utils.exists(p / MANIFEST):
+        return os.fspath(p)
+    return os.fspath(p / OUT_SUBDIR)
+
+
+def load_pseudo_labels(workdir_or_dir, *, with_nbest: bool = False) -> list[data_lib.Example]:
+    """The kept pseudo-labels of a finished job, sorted by id.
+
+    Returns :class:`kd_flax.data.Example` records whose ``ref`` is the teacher's ``hyp`` and
+    ``gold`` the corpus reference. Raises ``ValueError`` if the job is not done, a shard is
+    missing, or an id appears twice.
+    """
+    out = output_dir(workdir_or_dir)
+    manifest = _read_manifest(out)
+    if manifest is None:
+        raise ValueError(f"load_pseudo_labels: no {MANIFEST} in {out} (run the generate stage first)")
+    if manifest.get("status") != "done":
+        raise ValueError(f"load_pseudo_labels: {out}/{MANIFEST} has status "
+                         f"{manifest.get('status')!r}, not 'done'; re-run the generate stage to finish it")
+    examples, seen = [], set()
+    for name in manifest["shards"]:
+        path = io_utils.join(out, name + ".jsonl")
+        if not io_utils.exists(path):
+            raise ValueError(f"load_pseudo_labels: shard {path} listed in the manifest is missing")
+        for rec in io_utils.read_jsonl(path):
+            if rec["id"] in seen:
+                raise ValueError(f"load_pseudo_labels: id {rec['id']} appears twice ({path})")
+            seen.add(rec["id"])
+            ex = data_lib.Example(rec["id"], rec["src"], rec["hyp"], gold=rec.get("ref"))
+            if with_nbest and "hyps" in rec:
+                ex.refs = tuple(rec["hyps"])
+            examples.append(ex)
+    examples.sort(key=lambda e: e.id)
+    return examples
+
+
+__all__ = ["run", "load_pseudo_labels", "validate_config", "select_candidate", "apply_filters",
+           "plan_shards", "GenerateStep", "GenerateError", "teacher_dir"]
