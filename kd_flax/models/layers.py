@@ -341,3 +341,36 @@ def apply_layers(layers, fn: Callable, carry, xs, *, scan: bool, remat=False):
             carry, y = fn(layer, carry, x)
         ys.append(y)
     return carry, ys
+
+
+# ----------------------------------------------------------------------------- outputs
+
+from flax import struct  # noqa: E402
+
+
+@struct.dataclass
+class EncoderOutput:
+    """``last_hidden_state`` [B, S, D]; ``hidden_states`` (embeddings, then each layer's
+    output, the last one after the final norm where the family has one) and
+    ``attentions`` ([B, H, S, S] per layer) when requested, else None."""
+
+    last_hidden_state: jax.Array
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+@struct.dataclass
+class DecoderExtras:
+    """Optional decoder outputs; ``logits_hidden`` is ``h`` with ``logits = h @ W (+ b)``."""
+
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+    cross_attentions: tuple | None = None
+    logits_hidden: jax.Array | None = None
+
+
+def per_layer(ys, num_layers: int, scan: bool) -> tuple:
+    """Outputs of :func:`apply_layers` as a tuple with one item per layer."""
+    if scan:
+        return tuple(jax.tree.map(lambda a: a[i], ys) for i in range(num_layers))
+    return tuple(ys)
