@@ -140,6 +140,9 @@ def init_train_state(params, cfg, *, seed: int = 0, mesh=None, rules=None) -> Tr
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                        nan_skips=jnp.zeros((), jnp.int32), nan_streak=jnp.zeros((), jnp.int32),
                        rng=jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32))
+    # Fresh buffers: the state is donated, and optax/jnp may share one zeros buffer between
+    # leaves (or with the model the params came from).
+    state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
     if mesh is not None:
         state = jax.device_put(state, state_shardings(state, mesh, rules))
     return state
@@ -254,7 +257,7 @@ def loss_terms(params, batch, teacher_params, *, graphdef, teacher_graphdef, spe
         from kd_flax import quant
         # DQ-BART: the full-precision params are trained, quantized copies are used forward.
         params = quant.quantize_params(params, quant_rules)
-    student = nnx.merge(graphdef, params)
+    student = _merge(graphdef, params)
     hidden, attn = spec.hidden_weight > 0, spec.attention_weight > 0
     fused = spec.fused and spec.kd_weight > 0
     fwd = _fused_forward if fused else _forward
@@ -272,7 +275,7 @@ def loss_terms(params, batch, teacher_params, *, graphdef, teacher_graphdef, spe
         if teacher_graphdef is None or teacher_params is None:
             raise ValueError("the loss needs an online teacher (kd_weight/hidden_weight/"
                              "attention_weight > 0) but no teacher was given")
-        teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
+        teacher = _merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
         t_logits, t_enc, t_dec = fwd(teacher, batch, hidden=hidden, attn=attn)
         t_logits = jax.lax.stop_gradient(t_logits)
     if spec.kd_weight > 0:
@@ -339,6 +342,30 @@ def combine(terms, spec: LossSpec, counts=None) -> jax.Array:
 # ---------------------------------------------------------------------------
 
 
+def split_model(model):
+    """`(graphdef, params, rest)`: params are trained, `rest` (non-Param state such as
+    position tables) is closed over as a constant."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, params, rest
+
+
+def _graph(g):
+    """A Module or a graphdef → `(graphdef, rest-or-None)`."""
+    if g is None:
+        return None, None
+    if isinstance(g, nnx.Module):
+        graphdef, _, rest = split_model(g)
+        return graphdef, rest
+    if isinstance(g, tuple):
+        return g
+    return g, None
+
+
+def _merge(graph, params):
+    graphdef, rest = graph
+    return nnx.merge(graphdef, params) if rest is None else nnx.merge(graphdef, params, rest)
+
+
 def _where_tree(pred, new, old):
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
@@ -385,7 +412,8 @@ def make_train_step(student_graphdef, cfg, *, teacher=None, quant_rules=None, me
     """The jitted train step for a train block `cfg` (`loss`, `optimizer`, `grad_accum`, `steps`).
 
     Args:
-      student_graphdef: from `nnx.split(student, nnx.Param, ...)`.
+      student_graphdef: the student model (its non-Param state is closed over), a graphdef of
+        a params-only model, or `(graphdef, rest)` from `split_model`.
       teacher: the teacher's graphdef (or the teacher model) for online KD / hidden / attention
         losses; its params are passed to each call, never differentiated or stored.
       quant_rules: weight fake-quant rules (`kd_flax.quant`), applied inside the loss.
@@ -395,13 +423,11 @@ def make_train_step(student_graphdef, cfg, *, teacher=None, quant_rules=None, me
     spec = LossSpec.from_config(_get(cfg, "loss"))
     accum = int(_get(cfg, "grad_accum", 1) or 1)
     tx = make_optimizer(cfg)
-    t_graphdef = None
-    if teacher is not None:
-        t_graphdef = nnx.graphdef(teacher) if isinstance(teacher, nnx.Module) else teacher
-    if spec.needs_teacher and t_graphdef is None and not (spec.kd_type == "topk" and spec.hidden_weight == 0
+    s_graph, t_graphdef = _graph(student_graphdef), _graph(teacher)
+    if spec.needs_teacher and t_graphdef[0] is None and not (spec.kd_type == "topk" and spec.hidden_weight == 0
                                                           and spec.attention_weight == 0):
         raise ValueError("loss: kd_weight/hidden_weight/attention_weight > 0 need teacher=...")
-    term_fn = lambda p, b, tp: loss_terms(p, b, tp, graphdef=student_graphdef, teacher_graphdef=t_graphdef,
+    term_fn = lambda p, b, tp: loss_terms(p, b, tp, graphdef=s_graph, teacher_graphdef=t_graphdef,
                                           spec=spec, layer_map=layer_map, quant_rules=quant_rules)
 
     def grads_and_terms(params, batch, tp):
@@ -456,10 +482,505 @@ def make_train_step(student_graphdef, cfg, *, teacher=None, quant_rules=None, me
 
 def make_eval_step(student_graphdef, *, quant_rules=None):
     """Jitted dev-loss step: `(params, batch) -> (ce_sum, token_count)` (no smoothing)."""
+    graph = _graph(student_graphdef)
     def f(params, batch):
         if quant_rules:
             from kd_flax import quant
             params = quant.quantize_params(params, quant_rules)
-        logits, _, _ = _forward(nnx.merge(student_graphdef, params), batch, hidden=False, attn=False)
+        logits, _, _ = _forward(_merge(graph, params), batch, hidden=False, attn=False)
         return losses.cross_entropy(logits, batch["labels"], batch["decoder_attention_mask"].astype(jnp.float32))
     return jax.jit(f)
+
+
+# ---------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------
+
+MODEL_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "labels", "decoder_attention_mask",
+              "loss_mask", "teacher_topk_logprobs", "teacher_topk_ids")
+
+
+def model_batch(batch: dict) -> dict:
+    """The arrays the step uses (drops bookkeeping such as `example_id`, `valid`)."""
+    return {k: v for k, v in batch.items() if k in MODEL_KEYS}
+
+
+class _Preemption:
+    """SIGTERM → request a checkpoint at the next step boundary, then a clean exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+        return False
+
+
+class NonFiniteLoss(RuntimeError):
+    """Raised after `max_nan_steps` consecutive skipped (non-finite) updates."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    losses: list[float]          # per-step loss of the steps run in this call
+    start_step: int              # first step run in this call (> 0 after a resume)
+    evals: list[dict]            # {"step", "loss", "bleu", "chrf"} per evaluation
+    best: dict | None            # the best evaluation by keep_best_by
+    preempted: bool = False
+
+
+def _pure(state: TrainState) -> dict:
+    """The checkpoint tree: plain dicts of arrays (no teacher, no graph)."""
+    return {"step": state.step, "params": state.params.to_pure_dict(), "opt_state": state.opt_state,
+            "nan_skips": state.nan_skips, "nan_streak": state.nan_streak, "rng": state.rng}
+
+
+def _abstract(tree):
+    def f(x):
+        sh = getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sh)
+    return jax.tree.map(f, tree)
+
+
+def _restore(mgr, step, like: TrainState) -> TrainState:
+    import orbax.checkpoint as ocp
+    raw = mgr.restore(step, args=ocp.args.StandardRestore(_abstract(_pure(like))))
+    params = like.params
+    params = jax.tree.map(lambda x: x, params)  # a copy whose leaves we replace
+    params.replace_by_pure_dict(raw["params"])
+    return TrainState(step=raw["step"], params=params, opt_state=raw["opt_state"],
+                      nan_skips=raw["nan_skips"], nan_streak=raw["nan_streak"], rng=raw["rng"])
+
+
+def _better(metric: str, new: float, old: float | None) -> bool:
+    if old is None:
+        return True
+    return new < old if metric == "loss" else new > old
+
+
+def train(step_fn: TrainStep, state: TrainState, cfg, *, workdir: str, batches: Callable[[int], Iterator[dict]],
+          teacher_params=None, evaluate: Callable[[Any], dict] | None = None,
+          log: Callable[[str], None] = print, progress: bool = True,
+          fail_at_step: int | None = None) -> TrainResult:
+    """Run `cfg.steps` steps of `step_fn` from `state` (or from the last checkpoint in `workdir`).
+
+    Args:
+      batches: `start_step -> iterator` of batches for steps start_step, start_step+1, ...;
+        must be a pure function of (seed, step) so a resume sees the same data.
+      evaluate: `params -> {"loss", "bleu", "chrf", ...}`, called every `cfg.eval_every` steps;
+        the best params by `cfg.keep_best_by` are kept in `workdir/best`.
+      fail_at_step: raise after that many steps (tests simulate a crash with it).
+    Checkpoints (Orbax, async) go to `workdir/ckpt` every `cfg.checkpoint_every` steps, at the
+    end, and on SIGTERM (then the loop returns with `preempted=True`). TensorBoard events go
+    to `workdir/tb`.
+    """
+    import orbax.checkpoint as ocp
+    from tensorboardX import SummaryWriter
+    from tqdm import tqdm
+
+    total = int(_get(cfg, "steps"))
+    ckpt_every = int(_get(cfg, "checkpoint_every", 0) or 0)
+    eval_every = int(_get(cfg, "eval_every", 0) or 0)
+    log_every = max(int(_get(cfg, "log_every", 50) or 50), 1)
+    max_nan = int(_get(cfg, "max_nan_steps", 10) or 10)
+    best_by = _get(cfg, "keep_best_by", "loss")
+    workdir = os.path.abspath(workdir)
+    writer_proc = jax.process_index() == 0
+
+    mgr = ocp.CheckpointManager(os.path.join(workdir, "ckpt"), options=ocp.CheckpointManagerOptions(
+        max_to_keep=2, enable_async_checkpointing=True, create=True))
+    best_mgr = ocp.CheckpointManager(os.path.join(workdir, "best"), options=ocp.CheckpointManagerOptions(
+        max_to_keep=1, create=True, best_fn=lambda m: m[best_by],
+        best_mode="min" if best_by == "loss" else "max"))
+    latest = mgr.latest_step()
+    if latest is not None:
+        state = _restore(mgr, latest, state)
+        log(f"resumed from {mgr.directory} step {latest}")
+    start = int(jax.device_get(state.step))
+    tb = SummaryWriter(os.path.join(workdir, "tb")) if writer_proc else None
+    evals: list[dict] = []
+    best = None
+    losses_run: list[float] = []
+    window: dict[str, list[float]] = {}
+    preempted = False
+    bar = tqdm(total=total, initial=start, disable=not (progress and writer_proc), dynamic_ncols=True)
+    it = batches(start)
+    t0 = time.perf_counter()
+    try:
+        with _Preemption() as pre:
+            for step in range(start, total):
+                if fail_at_step is not None and step >= fail_at_step:
+                    raise RuntimeError(f"simulated failure at step {step}")
+                state, m = step_fn(state, model_batch(next(it)), teacher_params)
+                m = jax.device_get(m)
+                losses_run.append(float(m["loss"][0]))
+                for k, (s, n) in m.items():
+                    w = window.setdefault(k, [0.0, 0.0])
+                    w[0] += float(s)
+                    w[1] += float(n)
+                done = step + 1
+                bar.update(1)
+                streak = int(jax.device_get(state.nan_streak))
+                if streak >= max_nan:
+                    mgr.wait_until_finished()
+                    raise NonFiniteLoss(
+                        f"{streak} consecutive steps had a non-finite loss or gradient (max_nan_steps="
+                        f"{max_nan}); stopped at step {done}. Lower the learning rate, use float32 "
+                        f"(dtype), or check the data; the last good checkpoint is in {mgr.directory}")
+                if done % log_every == 0 or done == total:
+                    means = {k: losses.mean((np.float32(s), np.float32(n))) for k, (s, n) in window.items()}
+                    rate = log_every / max(time.perf_counter() - t0, 1e-9)
+                    t0 = time.perf_counter()
+                    bar.set_postfix(loss=f"{float(means['loss']):.4f}", steps_s=f"{rate:.2f}")
+                    if tb is not None:
+                        for k, v in means.items():
+                            tb.add_scalar(f"train/{k}", float(v), done)
+                        tb.add_scalar("train/nan_skips_total", int(jax.device_get(state.nan_skips)), done)
+                    window = {}
+                if evaluate is not None and eval_every and (done % eval_every == 0 or done == total):
+                    res = {k: float(v) for k, v in evaluate(state.params).items()}
+                    res["step"] = done
+                    evals.append(res)
+                    log(f"step {done}: " + ", ".join(f"{k}={v:.4g}" for k, v in res.items() if k != "step"))
+                    if tb is not None:
+                        for k, v in res.items():
+                            if k != "step":
+                                tb.add_scalar(f"dev/{k}", v, done)
+                    if best_by in res:
+                        best_mgr.save(done, args=ocp.args.StandardSave(state.params.to_pure_dict()),
+                                      metrics={best_by: res[best_by]})
+                        if _better(best_by, res[best_by], None if best is None else best[best_by]):
+                            best = res
+                if (ckpt_every and done % ckpt_every == 0) or done == total:
+                    mgr.save(done, args=ocp.args.StandardSave(_pure(state)))
+                if pre.requested:
+                    if mgr.latest_step() != done:
+                        mgr.save(done, args=ocp.args.StandardSave(_pure(state)), force=True)
+                    mgr.wait_until_finished()
+                    log(f"SIGTERM: checkpoint saved at step {done} in {mgr.directory}; exiting")
+                    preempted = True
+                    break
+    finally:
+        bar.close()
+        mgr.wait_until_finished()
+        best_mgr.wait_until_finished()
+        mgr.close()
+        best_mgr.close()
+        if tb is not None:
+            tb.close()
+    return TrainResult(state=state, losses=losses_run, start_step=start, evals=evals, best=best,
+                       preempted=preempted)
+
+
+def load_best_params(workdir: str, like_params):
+    """The params saved in `workdir/best` (the best evaluation), or None."""
+    import orbax.checkpoint as ocp
+    path = os.path.join(os.path.abspath(workdir), "best")
+    if not os.path.isdir(path):
+        return None
+    mgr = ocp.CheckpointManager(path)
+    step = mgr.best_step() if mgr.best_step() is not None else mgr.latest_step()
+    if step is None:
+        mgr.close()
+        return None
+    raw = mgr.restore(step, args=ocp.args.StandardRestore(_abstract(like_params.to_pure_dict())))
+    mgr.close()
+    params = jax.tree.map(lambda x: x, like_params)
+    params.replace_by_pure_dict(raw)
+    return params
+
+
+# ---------------------------------------------------------------------------
+# Stage entries: `finetune` (teacher on gold) and `distill` (student)
+# ---------------------------------------------------------------------------
+
+
+def _mesh_and_rules(config):
+    """The config's mesh when there is more than one device, else (None, None)."""
+    if jax.device_count() == 1:
+        return None, None
+    from kd_flax import sharding
+    rules = tuple(tuple(r) for r in config.mesh.rules)
+    return sharding.make_mesh(dict(config.mesh.axes)), rules
+
+
+def _model_config(model_dict: dict, tokenizer, **extra):
+    """A family config from an HF-style dict (`model_type` + fields); ids from the tokenizer."""
+    from kd_flax.models import hf
+    d = dict(model_dict)
+    if "model_type" not in d:
+        raise ValueError(f"model config: missing 'model_type'; allowed: {hf.registered_model_types()}")
+    d.setdefault("vocab_size", len(tokenizer))
+    for key, tok_attr in (("pad_token_id", "pad_token_id"), ("eos_token_id", "eos_token_id")):
+        if getattr(tokenizer, tok_attr, None) is not None:
+            d.setdefault(key, getattr(tokenizer, tok_attr))
+    d.setdefault("decoder_start_token_id", d.get("pad_token_id", 0))
+    return hf.get_family(d["model_type"]).config_cls.from_hf(d, **extra)
+
+
+def _train_overrides(tcfg) -> dict:
+    """Model-config fields the train block controls (compute dtype, remat)."""
+    out = {"dtype": _get(tcfg, "dtype", "float32")}
+    if _get(tcfg, "remat", False):
+        out["remat"] = _get(tcfg, "remat")
+    return out
+
+
+def _tokenized(examples, tokenizer, config):
+    from kd_flax import data as data_lib
+    return data_lib.tokenize_examples(examples, tokenizer, max_source_length=config.data.max_source_length,
+                                      max_target_length=config.data.max_target_length,
+                                      source_prefix=config.data.source_prefix)
+
+
+def _batch_fn(examples, model_config, tcfg, config):
+    from kd_flax import data as data_lib
+    per_step = int(tcfg.batch_size) * int(_get(tcfg, "grad_accum", 1) or 1)
+
+    def make(start_step: int):
+        return data_lib.batches(examples, per_step, int(config.seed), start_step,
+                                pad_id=model_config.pad_token_id, eos_id=model_config.eos_token_id,
+                                decoder_start_id=model_config.decoder_start_token_id,
+                                bucket_boundaries=tuple(config.data.bucket_boundaries),
+                                max_source_length=config.data.max_source_length,
+                                max_target_length=config.data.max_target_length)
+    return make
+
+
+def _evaluator(graph, tokenizer, dev, config, tcfg, *, quant_rules=None, mesh=None, rules=None):
+    """`params -> {"loss", "bleu", "chrf"}` on the dev set (loss on all of it, decoding on
+    the first `eval_max_examples` sentences)."""
+    from kd_flax import data as data_lib, evaluate as ev
+
+    if not dev:
+        return None
+    eval_step = make_eval_step(graph, quant_rules=quant_rules)
+    n_dec = int(_get(tcfg, "eval_max_examples", 200) or len(dev))
+    dec = dev[:n_dec]
+    refs = ev.references_from_examples([list(e.refs) if e.refs else e.ref for e in dec])
+
+    def run(params):
+        model = _merge(graph, params)
+        c = model.config
+        s, n = 0.0, 0.0
+        for b in data_lib.batches(dev, int(tcfg.batch_size), 0, 0, pad_id=c.pad_token_id, eos_id=c.eos_token_id,
+                                  decoder_start_id=c.decoder_start_token_id,
+                                  bucket_boundaries=tuple(config.data.bucket_boundaries),
+                                  max_source_length=config.data.max_source_length,
+                                  max_target_length=config.data.max_target_length, num_epochs=1):
+            ls, ln = jax.device_get(eval_step(params, {k: jnp.asarray(v) for k, v in model_batch(b).items()}))
+            s, n = s + float(ls), n + float(ln)
+        if quant_rules:
+            from kd_flax import quant
+            model = _merge(graph, quant.quantize_params(params, quant_rules))
+        hyps = ev.translate(model, tokenizer, [e.src for e in dec], batch_size=int(tcfg.batch_size),
+                            max_new_tokens=int(config.data.max_target_length),
+                            source_prefix=config.data.source_prefix,
+                            max_source_length=config.data.max_source_length,
+                            bucket_boundaries=tuple(config.data.bucket_boundaries), mesh=mesh, rules=rules)
+        return {"loss": s / max(n, 1e-9), "bleu": ev.corpus_bleu(hyps, refs).score,
+                "chrf": ev.corpus_chrf(hyps, refs).score}
+    return run
+
+
+def _train_stage(model, tokenizer, train_examples, dev, config, tcfg, stage_dir, *, teacher=None,
+                 info=None, quant_rules=None, steps=None, log=print):
+    """Train `model` in place on `train_examples` with train block `tcfg`; returns (result, params)."""
+    import ml_collections
+    from kd_flax import sharding
+
+    mesh, rules = _mesh_and_rules(config)
+    if steps is not None:
+        tcfg = ml_collections.ConfigDict(tcfg.to_dict() if hasattr(tcfg, "to_dict") else dict(tcfg))
+        tcfg.steps = int(steps)
+    graphdef, params, rest = split_model(model)
+    graph = (graphdef, rest)
+    t_params = None
+    if teacher is not None:
+        t_graph, t_params, t_rest = split_model(teacher)
+        teacher = (t_graph, t_rest)
+        if mesh is not None:
+            t_params = jax.device_put(t_params, sharding.param_shardings(t_params, mesh, rules))
+    step = make_train_step(graph, tcfg, teacher=teacher, quant_rules=quant_rules, mesh=mesh, rules=rules,
+                           layer_map=info)
+    state = init_train_state(params, tcfg, seed=int(config.seed), mesh=mesh, rules=rules)
+    result = train(step, state, tcfg, workdir=stage_dir,
+                   batches=_batch_fn(train_examples, model.config, tcfg, config), teacher_params=t_params,
+                   evaluate=_evaluator(graph, tokenizer, dev, config, tcfg, quant_rules=quant_rules,
+                                       mesh=mesh, rules=rules), log=log)
+    params = result.state.params
+    if not result.preempted:  # the best evaluated params, if any evaluation ran
+        best = load_best_params(stage_dir, params)
+        params = best if best is not None else params
+    nnx.update(model, params)
+    return result
+
+
+def _finish_model(model, tokenizer, out_dir, info=None, summary=None):
+    from kd_flax import io_utils, models
+    from kd_flax import student as student_lib
+    models.save_pretrained(model, out_dir, tokenizer=tokenizer)
+    if info is not None and jax.process_index() == 0:
+        student_lib.save_layer_map(out_dir, info)
+    if jax.process_index() == 0:
+        io_utils.atomic_write_json(os.path.join(os.path.dirname(out_dir), "manifest.json"),
+                                   {"status": "done", "model": out_dir, **(summary or {})})
+
+
+def _exit_preempted(result):
+    if result.preempted:
+        raise SystemExit(0)  # the checkpoint is saved; a rerun resumes from it
+
+
+def _gold(config, spec):
+    from kd_flax import data as data_lib
+    if not spec:
+        return []
+    ex = data_lib.read_corpus(spec, src_lang=config.data.src_lang, tgt_lang=config.data.tgt_lang)
+    n = int(_get(config.data, "max_train_examples", 0) or 0)
+    return list(ex)[:n] if n and spec == config.data.train else list(ex)
+
+
+def run_finetune(config, workdir: str) -> dict:
+    """Stage `finetune`: train the teacher on gold data (from scratch or from `teacher.path`).
+
+    Writes `workdir/finetune/{ckpt,best,tb}` and the teacher as an HF dir in
+    `workdir/finetune/model` (with its tokenizer).
+    """
+    from kd_flax import models
+    stage_dir = os.path.join(workdir, "finetune")
+    tok_path = config.teacher.tokenizer or config.teacher.path
+    if not tok_path:
+        raise ValueError("teacher.tokenizer: no tokenizer (set teacher.tokenizer or teacher.path)")
+    tokenizer = models.load_tokenizer(tok_path)
+    over = _train_overrides(config.finetune)
+    if config.teacher.init == "scratch":
+        model = models.create_model(_model_config(config.teacher.model.to_dict()
+                                                  if hasattr(config.teacher.model, "to_dict")
+                                                  else dict(config.teacher.model), tokenizer, **over),
+                                    nnx.Rngs(int(config.seed)))
+    else:
+        model = models.load_pretrained(config.teacher.path, **over)
+    train_ex = _tokenized(_gold(config, config.data.train), tokenizer, config)
+    dev = _tokenized(_gold(config, config.data.dev), tokenizer, config)
+    result = _train_stage(model, tokenizer, train_ex, dev, config, config.finetune, stage_dir)
+    _exit_preempted(result)
+    model = _with_dtype(model, "float32")
+    _finish_model(model, tokenizer, os.path.join(stage_dir, "model"),
+                  summary={"steps": int(config.finetune.steps), "evals": result.evals})
+    return {"steps": int(config.finetune.steps), "best": result.best}
+
+
+def _with_dtype(model, dtype):
+    """The same weights with compute dtype `dtype` (export always in float32 compute)."""
+    from kd_flax import models
+    if getattr(model.config, "dtype", "float32") == dtype:
+        return model
+    new = models.create_model(model.config.replace(dtype=dtype), nnx.Rngs(0))
+    nnx.update(new, nnx.state(model, nnx.Param))
+    return new
+
+
+def _teacher_dir(config, workdir):
+    trained = os.path.join(workdir, "finetune", "model")
+    if os.path.exists(os.path.join(trained, "config.json")):
+        return trained
+    if not config.teacher.path:
+        raise ValueError(f"teacher.path: no teacher: neither {trained} (finetune stage) nor teacher.path")
+    return config.teacher.path
+
+
+def build_student(config, teacher, teacher_tokenizer, *, overrides=None):
+    """The student the config asks for → `(model, tokenizer, StudentInfo)`."""
+    from kd_flax import models
+    from kd_flax import student as student_lib
+    sc = config.student
+    over = dict(sc.model.to_dict() if hasattr(sc.model, "to_dict") else sc.model)
+    over.update(overrides or {})
+    if int(_get(sc.quant, "act_bits", 0) or 0):
+        over["act_quant_bits"] = int(sc.quant.act_bits)
+    lm = sc.layer_map.to_dict() if hasattr(sc.layer_map, "to_dict") else dict(sc.layer_map or {})
+    if sc.init == "layer_copy":
+        model, info = student_lib.make_student(teacher, sc.encoder_layers or None, sc.decoder_layers or None,
+                                               layer_map=lm, overrides=over, seed=int(config.seed))
+        return model, teacher_tokenizer, info
+    if sc.init == "pretrained":
+        model = models.load_pretrained(sc.path, **over)
+        return model, models.load_tokenizer(sc.path), student_lib.StudentInfo("pretrained")
+    if sc.init == "scratch":
+        if over.get("model_type", teacher.config.model_type) == teacher.config.model_type:
+            layers = {k: v for k, v in (("encoder_layers", sc.encoder_layers), ("decoder_layers", sc.decoder_layers)) if v}
+            cfg = teacher.config.replace(**{k: v for k, v in over.items() if k != "model_type"}, **layers)
+        else:
+            cfg = _model_config(over, teacher_tokenizer)
+        model, info = student_lib.scratch_student(cfg, seed=int(config.seed))
+        return model, teacher_tokenizer, info
+    raise ValueError(f"student.init: {sc.init!r} is not allowed; allowed: layer_copy, scratch, pretrained")
+
+
+def run_distill(config, workdir: str) -> dict:
+    """Stage `distill`: the student on pseudo-labels (`workdir/generate`) and/or gold data,
+    one sub-stage per `distill.stages` entry (e.g. QuillBot's pseudo then gold), each resumable.
+
+    Writes `workdir/distill/<i>_<targets>/{ckpt,best,tb}` and the final student as an HF dir in
+    `workdir/distill/model` (tokenizer + `kd_flax_layer_map` in its config.json).
+    """
+    import ml_collections
+    from kd_flax import generate, models, quant
+    from kd_flax import student as student_lib
+
+    dc = config.distill
+    stage_dir = os.path.join(workdir, "distill")
+    t_dir = _teacher_dir(config, workdir)
+    t_tok = models.load_tokenizer(t_dir) if os.path.exists(os.path.join(t_dir, "tokenizer.json")) \
+        else models.load_tokenizer(config.teacher.tokenizer)
+    teacher = models.load_pretrained(t_dir, **_train_overrides(dc))
+    model, tokenizer, info = build_student(config, teacher, t_tok, overrides=_train_overrides(dc))
+    spec = LossSpec.from_config(dc.loss)
+    student_lib.check_kd_compatible(model, teacher, word_level=spec.kd_weight > 0, hidden=spec.hidden_weight > 0,
+                                    attention=spec.attention_weight > 0, info=info)
+    if not spec.needs_teacher:
+        teacher = None  # SeqKD alone: the teacher's knowledge is in the pseudo-labels
+    bits = int(_get(config.student.quant, "weight_bits", 0) or 0)
+    rules = quant.default_rules(bits, granularity=config.student.quant.granularity,
+                                scan_layers=bool(getattr(model.config, "scan_layers", False))) if bits else None
+    dev = _tokenized(_gold(config, config.data.dev), tokenizer, config)
+    stages = list(dc.stages)
+    results = []
+    for i, st in enumerate(stages):
+        st = dict(st)
+        sub = os.path.join(stage_dir, f"{i}_{st['targets']}")
+        done_marker = os.path.join(sub, "done.json")
+        if st["targets"] == "pseudo":
+            raw = generate.load_pseudo_labels(os.path.join(workdir, "generate"))
+        elif st["targets"] == "gold":
+            raw = _gold(config, config.data.train)
+        else:
+            raise ValueError(f"distill.stages[{i}].targets: {st['targets']!r}; allowed: pseudo, gold")
+        if os.path.exists(done_marker):  # finished earlier: take its final params
+            result = _train_stage(model, tokenizer, _tokenized(raw, tokenizer, config), [], config, dc, sub,
+                                  teacher=teacher, info=info, quant_rules=rules, steps=st["steps"])
+        else:
+            result = _train_stage(model, tokenizer, _tokenized(raw, tokenizer, config), dev, config, dc, sub,
+                                  teacher=teacher, info=info, quant_rules=rules, steps=st["steps"])
+            _exit_preempted(result)
+            if jax.process_index() == 0:
+                from kd_flax import io_utils
+                io_utils.atomic_write_json(done_marker, {"steps": st["steps"], "best": result.best})
+        results.append({"targets": st["targets"], "steps": st["steps"], "best": result.best,
+                        "evals": result.evals})
+    model = _with_dtype(model, "float32")
+    _finish_model(model, tokenizer, os.path.join(stage_dir, "model"), info=info,
+                  summary={"stages": results, "layer_map": info.to_dict()})
+    return {"stages": [{k: r[k] for k in ("targets", "steps", "best")} for r in results]}
