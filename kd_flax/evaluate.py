@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -378,6 +379,8 @@ def translate(model, tokenizer, sources: Sequence[str], *, batch_size: int, num_
             attention_mask = jax.make_array_from_callback(mask.shape, sharding, lambda s: mask[s])
         else:
             input_ids, attention_mask = jnp.asarray(ids), jnp.asarray(mask)
+        if sharding is not None:
+            generate_kwargs.update(mesh=mesh, rules=rules)
         result = generate_fn(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                              num_beams=num_beams, length_penalty=length_penalty, **generate_kwargs)
         seqs = _to_host(result.sequences)[: len(idx), 0]
@@ -429,8 +432,10 @@ def split_name(spec: str) -> str:
 
 
 def select_splits(test_specs: Sequence[str] | str, wanted: Sequence[str]) -> list[tuple[str, str]]:
-    """`(name, spec)` for the test specs in `data.test`, restricted to `evaluate.splits` names
-    (all when empty). Unknown names fail naming the available ones."""
+    """`(name, spec)` for the test specs in `data.test`, restricted to `evaluate.splits` (all
+    when empty). A wanted entry matches a spec itself, its `split_name`, or that name without
+    a trailing `-COUNT` (materialised `synthetic:test0:60` files are `test0-60.jsonl`).
+    Unknown names fail naming the available ones."""
     specs = [test_specs] if isinstance(test_specs, str) else list(test_specs)
     specs = [s for s in specs if s]
     named: dict[str, str] = {}
@@ -444,33 +449,28 @@ def select_splits(test_specs: Sequence[str] | str, wanted: Sequence[str]) -> lis
         raise ValueError("data.test: no test sets configured; evaluate needs at least one")
     if not wanted:
         return list(named.items())
-    missing = [w for w in wanted if w not in named and w not in named.values()]
+    aliases: dict[str, tuple[str, str]] = {}
+    for name, spec in named.items():
+        for alias in (spec, name, re.sub(r"-\d+$", "", name)):
+            aliases.setdefault(alias, (name, spec))
+    missing = [w for w in wanted if w not in aliases]
     if missing:
         raise ValueError(f"evaluate.splits: {missing} not found in data.test; available split "
                          f"names: {sorted(named)}")
-    by_spec = {v: k for k, v in named.items()}
-    return [(w, named[w]) if w in named else (by_spec[w], w) for w in wanted]
+    return [(w if w != aliases[w][1] else aliases[w][0], aliases[w][1]) for w in wanted]
 
 
 def read_split(spec: str, config) -> tuple[list[str], list[list[str]] | None]:
-    """Sources and per-sentence reference lists of one test set.
-
-    Multi-reference JSONL rows carry `refs` (a list); otherwise the single `ref` is used.
-    Reading goes through `kd_flax.data` (all corpus formats, gzip, gs://).
-    """
+    """Sources and per-sentence reference lists of one test set, read by
+    `kd_flax.data.read_corpus` (all its formats, gzip, gs://). Multi-reference rows carry
+    `refs`; otherwise the single `ref` is used. Returns refs=None when a line has none."""
     from kd_flax import data
-    examples = data.read_examples(spec, config) if hasattr(data, "read_examples") else \
-        data.read_corpus(spec, src_lang=config.data.src_lang, tgt_lang=config.data.tgt_lang)
-    examples = getattr(examples, "examples", examples)
-    sources, refs = [], []
-    for ex in examples:
-        get = ex.get if isinstance(ex, Mapping) else (lambda k, e=ex: getattr(e, k, None))
-        sources.append(get("src"))
-        r = get("refs") or get("ref")
-        refs.append([r] if isinstance(r, str) else (list(r) if r else []))
-    if any(not r for r in refs):
-        return sources, None
-    return sources, refs
+    corpus = data.read_corpus(spec, src_lang=config.data.src_lang, tgt_lang=config.data.tgt_lang)
+    sources = [ex.src for ex in corpus]
+    refs = [list(ex.refs) if ex.refs else ([ex.ref] if ex.ref else []) for ex in corpus]
+    if not sources:
+        raise ValueError(f"data.test: {spec} has no usable lines ({corpus.report.summary()})")
+    return sources, (None if any(not r for r in refs) else refs)
 
 
 def model_dirs(config, workdir: str) -> dict[str, str]:
@@ -499,7 +499,7 @@ def model_dirs(config, workdir: str) -> dict[str, str]:
     return out
 
 
-def _param_bytes(model, weight_bits: int = 0) -> tuple[int, int]:
+def _param_bytes(model, weight_bits: int = 0, granularity: str = "channel") -> tuple[int, int]:
     """(#parameters, bytes): float leaves at their dtype; with weight quantization the leaves
     that `kd_flax.quant.default_rules` quantizes count `weight_bits` bits each."""
     from flax import nnx
@@ -507,7 +507,7 @@ def _param_bytes(model, weight_bits: int = 0) -> tuple[int, int]:
     state = nnx.state(model, nnx.Param)
     quantized = set()
     if weight_bits:
-        quantized = _quantized_paths(state, weight_bits)
+        quantized = _quantized_paths(state, weight_bits, granularity)
     n, size = 0, 0.0
     for path, leaf in jax.tree_util.tree_leaves_with_path(state):
         n += leaf.size
@@ -525,26 +525,26 @@ def _path_str(path) -> str:
     return "/".join(parts)
 
 
-def _quantized_paths(state, bits: int) -> set[str]:
+def _quantized_paths(state, bits: int, granularity: str) -> set[str]:
     """Parameter paths whose values change under `quant.default_rules(bits)`."""
     import jax
     from flax import nnx
     from kd_flax import quant
     pure = nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
-    q = quant.quantize_params(pure, quant.default_rules(bits))
+    q = quant.quantize_params(pure, quant.default_rules(bits, granularity=granularity))
     flat_a = dict(jax.tree_util.tree_leaves_with_path(pure))
     flat_b = dict(jax.tree_util.tree_leaves_with_path(q))
     return {_path_str(p) for p in flat_a if not np.array_equal(np.asarray(flat_a[p]), np.asarray(flat_b[p]))}
 
 
-def _apply_weight_quant(model, bits: int) -> None:
+def _apply_weight_quant(model, bits: int, granularity: str = "channel") -> None:
     """Evaluate a fake-quant-trained student with its weights quantized as in training
     (idempotent when the saved weights are already on the grid)."""
     from flax import nnx
     from kd_flax import quant
     state = nnx.state(model, nnx.Param)
     pure = nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
-    q = quant.quantize_params(pure, quant.default_rules(bits))
+    q = quant.quantize_params(pure, quant.default_rules(bits, granularity=granularity))
     nnx.replace_by_pure_dict(state, q)
     nnx.update(model, state)
 
@@ -592,11 +592,12 @@ def run(config, workdir: str, *, load_fn: Callable | None = None,
     for mname, mpath in dirs.items():
         model, tokenizer = load_fn(mpath)
         bits = int(config.student.quant.weight_bits or 0) if mname == "student" else 0
-        if bits:
-            _apply_weight_quant(model, bits)
+        gran = config.student.quant.get("granularity", "channel")
         from flax import nnx
+        if bits:
+            _apply_weight_quant(model, bits, gran)
         # A stand-in model (tests) has no nnx parameters to count.
-        n_params, n_bytes = _param_bytes(model, bits) if isinstance(model, nnx.Module) else (0, 0)
+        n_params, n_bytes = _param_bytes(model, bits, gran) if isinstance(model, nnx.Module) else (0, 0)
         meter = SpeedMeter()
         bleu, chrf, per_split = [], [], {}
         for sname, (sources, refs) in data.items():
