@@ -35,8 +35,8 @@ def default_layer_map(teacher_layers: int, student_layers: int) -> list[int]:
     """Evenly spaced teacher layers with the first and the last kept.
 
     `i * (T-1) / (S-1)` rounded half up: (12, 3) → [0, 6, 11] (DistilBART 12-3),
-    (12, 6) → [0, 2, 4, 7, 9, 11] (DistilBART 12-6), (6, 3) → [0, 2, 5] (rounded
-    half up; DistilBART uses the same). A one-layer student gets the teacher's *first*
+    (12, 6) → [0, 2, 4, 7, 9, 11] (DistilBART 12-6), (6, 3) → [0, 3, 5] (2.5 rounds up;
+    DistilBART's hand-written table has [0, 2, 5] — pass it explicitly to match). A one-layer student gets the teacher's *first*
     layer, [0] (DistilBART's and DQ-BART's 6-1 / 12-1 choice: the bottom layer still
     reads the embeddings it was trained on, and in T5 it owns the relative-position bias).
     """
@@ -143,9 +143,9 @@ def copy_layers(student, teacher, layer_map: dict[str, Sequence[int]]) -> None:
     stack-level) are copied as they are. A per-layer param the chosen teacher layer lacks
     (T5's relative-attention bias exists only in layer 0) is taken from teacher layer 0.
     """
-    t_flat = _flat(nnx.state(teacher, nnx.Param).to_pure_dict())
+    t_flat = _flat(nnx.to_pure_dict(nnx.state(teacher, nnx.Param)))
     s_state = nnx.state(student, nnx.Param)
-    s_flat = _flat(s_state.to_pure_dict())
+    s_flat = _flat(nnx.to_pure_dict(s_state))
     new = {}
     for path, s_val in s_flat.items():
         pos = _layer_position(path)
@@ -174,7 +174,7 @@ def copy_layers(student, teacher, layer_map: dict[str, Sequence[int]]) -> None:
                              f"{tuple(np.shape(t_val))}; layer copy needs equal widths "
                              f"(use student.init='scratch' for a different shape)")
         new[path] = jnp.asarray(t_val, dtype=jnp.asarray(s_val).dtype)
-    s_state.replace_by_pure_dict(_unflat(new))
+    nnx.replace_by_pure_dict(s_state, _unflat(new))
     nnx.update(student, s_state)
 
 

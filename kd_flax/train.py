@@ -542,7 +542,7 @@ class TrainResult:
 
 def _pure(state: TrainState) -> dict:
     """The checkpoint tree: plain dicts of arrays (no teacher, no graph)."""
-    return {"step": state.step, "params": state.params.to_pure_dict(), "opt_state": state.opt_state,
+    return {"step": state.step, "params": nnx.to_pure_dict(state.params), "opt_state": state.opt_state,
             "nan_skips": state.nan_skips, "nan_streak": state.nan_streak, "rng": state.rng}
 
 
@@ -558,7 +558,7 @@ def _restore(mgr, step, like: TrainState) -> TrainState:
     raw = mgr.restore(step, args=ocp.args.StandardRestore(_abstract(_pure(like))))
     params = like.params
     params = jax.tree.map(lambda x: x, params)  # a copy whose leaves we replace
-    params.replace_by_pure_dict(raw["params"])
+    nnx.replace_by_pure_dict(params, raw["params"])
     return TrainState(step=raw["step"], params=params, opt_state=raw["opt_state"],
                       nan_skips=raw["nan_skips"], nan_streak=raw["nan_streak"], rng=raw["rng"])
 
@@ -658,7 +658,7 @@ def train(step_fn: TrainStep, state: TrainState, cfg, *, workdir: str, batches: 
                             if k != "step":
                                 tb.add_scalar(f"dev/{k}", v, done)
                     if best_by in res:
-                        best_mgr.save(done, args=ocp.args.StandardSave(state.params.to_pure_dict()),
+                        best_mgr.save(done, args=ocp.args.StandardSave(nnx.to_pure_dict(state.params)),
                                       metrics={best_by: res[best_by]})
                         if _better(best_by, res[best_by], None if best is None else best[best_by]):
                             best = res
@@ -694,10 +694,10 @@ def load_best_params(workdir: str, like_params):
     if step is None:
         mgr.close()
         return None
-    raw = mgr.restore(step, args=ocp.args.StandardRestore(_abstract(like_params.to_pure_dict())))
+    raw = mgr.restore(step, args=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(like_params))))
     mgr.close()
     params = jax.tree.map(lambda x: x, like_params)
-    params.replace_by_pure_dict(raw)
+    nnx.replace_by_pure_dict(params, raw)
     return params
 
 
