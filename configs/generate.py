@@ -8,7 +8,7 @@ Argument keys (all optional except teacher and data, which may also be given lat
   teacher   HF checkpoint dir of the teacher (its tokenizer is read from the same dir)
   data      corpus spec (file.tsv, file.jsonl, train.{lang}.gz, a.en+b.fr, hf:NAME@SPLIT)
   src, tgt  language codes ({lang} templates, `translation` records)
-  prefix    task prefix, e.g. "translate English to French: "
+  prefix    task prefix, e.g. "translate English to French:" (a space is added after a final ':')
   max_len   max source tokens (and max new tokens)
   beams     beam size; n: n-best size (num_return_sequences)
   select    best | bleu | chrf (SeqInter: keep the candidate closest to the reference)
@@ -39,7 +39,9 @@ def get_config(arg=None):
     c.data.train = args.get("data", "")
     c.data.src_lang = args.get("src", c.data.src_lang)
     c.data.tgt_lang = args.get("tgt", c.data.tgt_lang)
-    c.data.source_prefix = args.get("prefix", "")
+    prefix = args.get("prefix", "")
+    # The argument parser strips spaces; T5 prefixes end in ": ", so give the space back.
+    c.data.source_prefix = prefix + " " if prefix.endswith(":") else prefix
     for key, target in _INT_KEYS.items():
         if key not in args:
             continue
