@@ -1,0 +1,777 @@
+"""Fake quantization with a straight-through estimator, path rules, and integer export.
+
+DQ-BART style distillation-aware quantization keeps the full-precision weights as the
+trained parameters and recomputes their quantized copy every step; the forward pass sees
+the quantized values, the backward pass sends the gradient straight through to the
+full-precision weights (identity inside the clipping range, zero outside).
+
+Everything here is a pure function on arrays / pytrees and is jittable:
+
+* ``fake_quant``          uniform symmetric (narrow signed range) or asymmetric (zero point),
+                          per tensor or per channel, dynamic range or fixed ``clip``.
+* ``ternary_quant``       DQ-BART/TernaryBERT 2-bit mode: {-a, 0, a}, threshold 0.7 mean|w|.
+* ``lsq_quant``           learned step size (Esser et al. 2020), step passed in by the caller.
+* ``pact_quant``          learned clip for activations (Choi et al. 2018), clip passed in.
+* ``fake_quant_activation``  what the model's Dense layers call on their input.
+* ``QuantRule`` / ``default_rules`` / ``quantize_params``  weight quantization by path regex.
+* ``export_quantized`` / ``dequantize`` / ``save_quantized`` / ``load_quantized``
+  integer weights (int8; int4 and int2 packed into bytes) whose dequantization is
+  bit-for-bit the fake-quant forward.
+
+Rounding is ``jnp.round`` (half to even), like torch's ``nearbyint``; values are scaled by
+``x * (1 / scale)`` as torch's fake-quant kernels do, so per-tensor/per-channel results
+match ``torch.fake_quantize_per_*_affine`` exactly given the same scale. The scale is
+``absmax * fl32(1 / qmax)`` (not ``absmax / qmax``: XLA turns division by a constant into
+that multiply anyway, and writing it explicitly makes it reproducible everywhere).
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import functools
+import json
+import re
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+WEIGHT_BITS = (2, 4, 8)
+ACT_BITS = (8, None)
+MODES = ("symmetric", "asymmetric", "ternary")
+TERNARY_THRESHOLD = 0.7  # Delta = 0.7 * mean|w| (TWN / TernaryBERT / DQ-BART)
+_FORMAT = "kd_flax.quant/1"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _check_weight_bits(bits, name: str = "bits") -> int:
+    if isinstance(bits, bool) or bits not in WEIGHT_BITS:
+        raise ValueError(f"{name} must be one of {WEIGHT_BITS} for weights, got {bits!r}")
+    return int(bits)
+
+
+def _check_act_bits(bits, name: str = "bits"):
+    if isinstance(bits, bool) or bits not in ACT_BITS:
+        raise ValueError(f"{name} must be one of {ACT_BITS} for activations, got {bits!r}")
+    return bits
+
+
+def _kept_axes(ndim: int, axis) -> tuple[int, ...]:
+    """Normalises ``axis`` (None, int or tuple of ints) to the sorted axes that keep their
+    own scale; all other axes are reduced over when computing the range."""
+    if axis is None:
+        return ()
+    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    out = []
+    for a in axes:
+        if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or not -ndim <= a < ndim:
+            raise ValueError(
+                f"axis must be None, an int or a tuple of ints in [{-ndim}, {ndim}) for an "
+                f"array of rank {ndim}, got {axis!r}")
+        out.append(int(a) % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"axis has repeated entries: {axis!r}")
+    return tuple(sorted(out))
+
+
+def _reduce_axes(ndim: int, kept: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(a for a in range(ndim) if a not in kept)
+
+
+def _safe_scale(scale):
+    # A zero (or denormal) range would give scale 0 and x / 0 = NaN; any finite scale
+    # works there because every value of such a channel rounds to 0.
+    return jnp.where(scale >= jnp.finfo(jnp.float32).tiny, scale, jnp.ones_like(scale))
+
+
+def _recip(n: int):
+    # XLA rewrites `a / broadcast(c)` as `a * (1 / c)`, so `absmax / qmax` is not
+    # reproducible bit for bit; define the scale as `absmax * fl32(1 / qmax)` instead,
+    # which every backend computes identically (one correctly rounded multiply).
+    return np.float32(np.float32(1.0) / np.float32(n))
+
+
+def _no_neg_zero(q):
+    # round(-0.3) is -0.0; an exported integer 0 dequantizes to +0.0, so normalise here
+    # to keep export -> dequantize bit-identical (torch also returns +0.0).
+    return jnp.where(q == 0, jnp.zeros_like(q), q)
+
+
+def _check_float(x, name: str = "x"):
+    if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
+        raise ValueError(f"{name} must be a floating-point array, got dtype {jnp.asarray(x).dtype}")
+
+
+# Straight-through estimators. custom_jvp keeps the forward value exactly `q` (the
+# usual `x + stop_gradient(q - x)` trick changes the last bit, breaking exact export).
+
+
+@jax.custom_jvp
+def _ste(x, q):
+    return q
+
+
+@_ste.defjvp
+def _ste_jvp(primals, tangents):
+    _, q = primals
+    tx, _ = tangents
+    return q, tx.astype(q.dtype)
+
+
+@jax.custom_jvp
+def _ste_clip(x, q, lo, hi):
+    return q
+
+
+@_ste_clip.defjvp
+def _ste_clip_jvp(primals, tangents):
+    x, q, lo, hi = primals
+    tx = tangents[0]
+    inside = (x >= lo) & (x <= hi)  # closed interval: the clip value itself is representable
+    return q, jnp.where(inside, tx, jnp.zeros_like(tx)).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- quantizers
+# Each `_*_codes` returns (integer-valued float32 codes, scale, zero_point or None) so that
+# the fake-quant value is `(codes - zp) * scale` (or `codes * scale`) and export stores the
+# very same codes and scale: the two paths share every floating-point operation.
+
+
+def _symmetric_codes(x32, bits, kept, clip):
+    qmax = 2 ** (bits - 1) - 1
+    if clip is None:
+        amax = jnp.max(jnp.abs(x32), axis=_reduce_axes(x32.ndim, kept), keepdims=True)
+    else:
+        amax = jnp.asarray(clip, jnp.float32)
+    scale = _safe_scale(amax * _recip(qmax))
+    inv = jnp.float32(1.0) / scale
+    q = jnp.clip(jnp.round(x32 * inv), -qmax, qmax)
+    return _no_neg_zero(q), scale, None
+
+
+def _asymmetric_codes(x32, bits, kept, clip):
+    qmax = 2**bits - 1
+    if clip is None:
+        red = _reduce_axes(x32.ndim, kept)
+        # The range always contains 0 so that 0 (padding, ReLU zeros) is exact.
+        lo = jnp.minimum(jnp.min(x32, axis=red, keepdims=True), 0.0)
+        hi = jnp.maximum(jnp.max(x32, axis=red, keepdims=True), 0.0)
+    else:
+        lo, hi = (jnp.asarray(c, jnp.float32) for c in clip)
+    scale = _safe_scale((hi - lo) * _recip(qmax))
+    zp = jnp.clip(jnp.round(-lo / scale), 0, qmax)
+    inv = jnp.float32(1.0) / scale
+    q = jnp.clip(jnp.round(x32 * inv) + zp, 0, qmax)
+    return q, scale, zp
+
+
+def _ternary_codes(x32, kept):
+    red = _reduce_axes(x32.ndim, kept)
+    a = jnp.abs(x32)
+    delta = TERNARY_THRESHOLD * jnp.mean(a, axis=red, keepdims=True)
+    mask = a > delta
+    count = jnp.sum(mask, axis=red, keepdims=True).astype(jnp.float32)
+    alpha = jnp.sum(jnp.where(mask, a, 0.0), axis=red, keepdims=True) / jnp.maximum(count, 1.0)
+    t = jnp.where(mask, jnp.sign(x32), jnp.zeros_like(x32))
+    return t, alpha, None
+
+
+def _validate_clip(clip, symmetric):
+    if clip is None:
+        return None, None
+    if symmetric:
+        if isinstance(clip, (tuple, list)):
+            raise ValueError("clip must be a positive scalar/array c (range [-c, c]) when "
+                             f"symmetric=True, got {clip!r}")
+        c = jnp.asarray(clip, jnp.float32)
+        if not isinstance(c, jax.core.Tracer) and bool(jnp.any(c <= 0)):
+            raise ValueError(f"clip must be > 0, got {clip!r}")
+        return -c, c
+    if not (isinstance(clip, (tuple, list)) and len(clip) == 2):
+        raise ValueError(f"clip must be a (lo, hi) pair when symmetric=False, got {clip!r}")
+    lo, hi = (jnp.asarray(c, jnp.float32) for c in clip)
+    if not isinstance(lo, jax.core.Tracer) and not isinstance(hi, jax.core.Tracer):
+        if bool(jnp.any(lo >= hi)):
+            raise ValueError(f"clip must satisfy lo < hi, got {clip!r}")
+    return lo, hi
+
+
+def _codes(x, bits, axis, mode, clip=None):
+    """(codes, scale, zero_point) in float32 for one tensor; the shared core of fake-quant
+    and export."""
+    x32 = jnp.asarray(x).astype(jnp.float32)
+    kept = _kept_axes(x32.ndim, axis)
+    if mode == "symmetric":
+        return _symmetric_codes(x32, bits, kept, clip)
+    if mode == "asymmetric":
+        return _asymmetric_codes(x32, bits, kept, clip)
+    if mode == "ternary":
+        return _ternary_codes(x32, kept)
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _from_codes(q, scale, zp):
+    return (q - zp) * scale if zp is not None else q * scale
+
+
+def fake_quant(x, bits: int, *, axis=None, symmetric: bool = True, clip=None):
+    """Quantize-dequantize ``x`` to ``bits`` bits with a straight-through gradient.
+
+    Args:
+      x: floating array (any dtype; the math is float32, the result has ``x.dtype``).
+      bits: 2, 4 or 8.
+      axis: ``None`` = one scale per tensor; an int (or tuple of ints) = the axis whose
+        entries each get their own scale, as torch's per-channel ``axis`` (``-1`` = output
+        features of a Dense kernel ``[in, out]``; ``(0, -1)`` for scanned ``[L, in, out]``).
+      symmetric: ``True`` = signed narrow range ``[-(2^(b-1)-1), 2^(b-1)-1]`` with
+        ``scale = absmax / (2^(b-1)-1)``; ``False`` = unsigned ``[0, 2^b-1]`` with a zero
+        point, the range ``[min(x, 0), max(x, 0)]``.
+      clip: fixed range instead of the dynamic one: ``c`` (symmetric: ``[-c, c]``, scalar or
+        array broadcastable to the per-channel scale) or ``(lo, hi)`` (asymmetric).
+
+    Gradient: identity for entries inside the clipping range (always, for the dynamic
+    range), zero outside; no gradient flows to the scale.
+    """
+    bits = _check_weight_bits(bits)
+    _check_float(x)
+    x = jnp.asarray(x)
+    lo, hi = _validate_clip(clip, symmetric)
+    mode = "symmetric" if symmetric else "asymmetric"
+    if clip is None:
+        q, scale, zp = _codes(jax.lax.stop_gradient(x), bits, axis, mode)
+        return _ste(x, _from_codes(q, scale, zp).astype(x.dtype))
+    fixed = hi if symmetric else (lo, hi)
+    q, scale, zp = _codes(jax.lax.stop_gradient(x), bits, axis, mode,
+                          jax.lax.stop_gradient(fixed))
+    out = _from_codes(q, scale, zp).astype(x.dtype)
+    return _ste_clip(x, out, jax.lax.stop_gradient(lo).astype(x.dtype),
+                     jax.lax.stop_gradient(hi).astype(x.dtype))
+
+
+def ternary_quant(x, *, axis=None):
+    """DQ-BART's 2-bit weights: ``{-a, 0, a}`` with threshold ``D = 0.7 * mean|x|`` and
+    ``a = mean(|x| where |x| > D)``, per tensor (``axis=None``) or per channel. STE
+    gradient (identity)."""
+    _check_float(x)
+    x = jnp.asarray(x)
+    q, scale, _ = _codes(jax.lax.stop_gradient(x), 2, axis, "ternary")
+    return _ste(x, (q * scale).astype(x.dtype))
+
+
+def fake_quant_activation(x, bits):
+    """Dynamic per-tensor symmetric fake-quant of an activation (a Dense layer input).
+    ``bits=None`` returns ``x`` unchanged; only 8 bits are supported otherwise."""
+    bits = _check_act_bits(bits)
+    if bits is None:
+        return x
+    return fake_quant(x, bits, axis=None, symmetric=True)
+
+
+# ----------------------------------------------------------------------------- LSQ / PACT
+
+
+def _int_range(bits, signed):
+    if signed:
+        qp = 2 ** (bits - 1) - 1
+        return -qp, qp  # narrow range, the same grid as `fake_quant` / int export
+    return 0, 2**bits - 1
+
+
+def lsq_init_step(x, bits: int, *, signed: bool = True):
+    """LSQ's initial step ``2 * mean|x| / sqrt(Qp)`` (Esser et al. 2020, sec. 2.1)."""
+    bits = _check_weight_bits(bits)
+    _, qp = _int_range(bits, signed)
+    return 2.0 * jnp.mean(jnp.abs(jnp.asarray(x, jnp.float32))) / np.sqrt(qp)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _lsq(x, step, qn, qp, g):
+    v = x / step
+    return _no_neg_zero(jnp.round(jnp.clip(v, qn, qp))) * step
+
+
+@_lsq.defjvp
+def _lsq_jvp(qn, qp, g, primals, tangents):
+    x, step = primals
+    tx, ts = tangents
+    v = x / step
+    r = _no_neg_zero(jnp.round(jnp.clip(v, qn, qp)))
+    below, above = v < qn, v > qp
+    inside = ~(below | above)
+    # d out / d step: round(v) - v inside, qn / qp where clipped (Esser et al., eq. 3),
+    # scaled by g so the step's update is balanced against the weights'.
+    ds = jnp.where(inside, r - v, jnp.where(below, jnp.float32(qn), jnp.float32(qp)))
+    tout = jnp.where(inside, tx, jnp.zeros_like(tx)) + g * ds * ts
+    return r * step, tout.astype(x.dtype)
+
+
+def lsq_quant(x, step, bits: int, *, signed: bool = True, grad_scale=None):
+    """Learned step size quantization: ``round(clip(x / step, Qn, Qp)) * step``.
+
+    ``step`` is the learnable scale (a scalar, or an array broadcastable to ``x`` for per
+    channel steps) that the caller stores as a parameter. Signed: ``[-Qp, Qp]`` with
+    ``Qp = 2^(b-1)-1`` (narrow); unsigned: ``[0, 2^b-1]``. Gradients (Esser et al. 2020):
+    ``d/dx = 1`` inside the range, 0 outside; ``d/dstep = g * (round(v) - v)`` inside,
+    ``g * Qn`` / ``g * Qp`` below/above, with ``v = x / step`` and
+    ``g = grad_scale or 1 / sqrt(N * Qp)``, ``N`` = number of entries per step.
+    """
+    bits = _check_weight_bits(bits)
+    _check_float(x)
+    x = jnp.asarray(x)
+    step = jnp.asarray(step, x.dtype)
+    qn, qp = _int_range(bits, signed)
+    if grad_scale is None:
+        n = max(x.size // max(step.size, 1), 1)
+        grad_scale = 1.0 / float(np.sqrt(n * qp))
+    return _lsq(x, step, qn, qp, float(grad_scale))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _pact(x, alpha, levels, signed):
+    lo = -alpha if signed else jnp.zeros_like(alpha)
+    y = jnp.clip(x, lo, alpha)
+    scale = alpha / levels
+    return _no_neg_zero(jnp.round(y / scale)) * scale
+
+
+@_pact.defjvp
+def _pact_jvp(levels, signed, primals, tangents):
+    x, alpha = primals
+    tx, ta = tangents
+    out = _pact(x, alpha, levels, signed)
+    lo = -alpha if signed else jnp.zeros_like(alpha)
+    inside = (x > lo) & (x < alpha)
+    # PACT: d/dx = 1 inside (lo, alpha); d/dalpha = 1 where x >= alpha (and -1 where
+    # x <= -alpha in the signed variant), 0 inside (the rounding is straight-through).
+    da = jnp.where(x >= alpha, 1.0, 0.0)
+    if signed:
+        da = da - jnp.where(x <= -alpha, 1.0, 0.0)
+    tout = jnp.where(inside, tx, jnp.zeros_like(tx)) + da.astype(x.dtype) * ta
+    return out, tout.astype(x.dtype)
+
+
+def pact_quant(x, alpha, bits: int, *, signed: bool = False):
+    """PACT activation quantization with a learned clip ``alpha`` (scalar, caller-stored).
+
+    Unsigned (the paper, for ReLU outputs): ``y = clip(x, 0, alpha)`` on ``2^b - 1`` steps.
+    ``signed=True`` (transformer activations): ``clip(x, -alpha, alpha)`` on the narrow
+    signed grid ``2^(b-1) - 1`` steps per side. Gradients: ``d/dx = 1`` strictly inside the
+    clip range, else 0; ``d/dalpha = 1`` where ``x >= alpha`` (``-1`` where ``x <= -alpha``
+    when signed), else 0.
+    """
+    bits = _check_weight_bits(bits)
+    _check_float(x)
+    x = jnp.asarray(x)
+    alpha = jnp.asarray(alpha, x.dtype)
+    levels = float(2 ** (bits - 1) - 1 if signed else 2**bits - 1)
+    return _pact(x, alpha, levels, bool(signed))
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantRule:
+    """Quantize the parameters whose ``/``-joined path **fully** matches ``pattern``
+    (``re.fullmatch``; write ``.*`` where you mean "anything").
+
+    ``bits``: 2, 4, 8, or ``None`` = keep this leaf in full precision (use it before a
+    broader rule to exclude something). ``axis``: ``None`` (per tensor), an int or a tuple
+    of ints (per channel, see :func:`fake_quant`). ``mode``: ``symmetric``, ``asymmetric``
+    or ``ternary`` (2 bits only).
+    """
+
+    pattern: str
+    bits: int | None = 8
+    axis: Any = -1
+    mode: str = "symmetric"
+
+    def __post_init__(self):
+        try:
+            re.compile(self.pattern)
+        except (re.error, TypeError) as e:
+            raise ValueError(f"QuantRule pattern {self.pattern!r} is not a valid regex: {e}")
+        if self.bits is not None:
+            _check_weight_bits(self.bits, "QuantRule bits")
+        if self.mode not in MODES:
+            raise ValueError(f"QuantRule mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "ternary" and self.bits not in (2, None):
+            raise ValueError(f"QuantRule mode 'ternary' needs bits=2, got bits={self.bits!r}")
+        ax = self.axis
+        ok = ax is None or (isinstance(ax, int) and not isinstance(ax, bool)) or (
+            isinstance(ax, tuple) and all(isinstance(a, int) and not isinstance(a, bool) for a in ax))
+        if not ok:
+            raise ValueError(f"QuantRule axis must be None, an int or a tuple of ints, got {ax!r}")
+
+    def matches(self, path: str) -> bool:
+        return re.fullmatch(self.pattern, path) is not None
+
+
+_KERNEL = r"(.*/)?kernel"
+_EMBED = r"(.*/)?embed_tokens/embedding"
+# Scanned stacks (`scan_layers=True`) have no integer after `layers/`: leaves are [L, ...].
+_STACKED_KERNEL = r"(.*/)?layers/(?!\d+/).*kernel"
+
+
+def default_rules(bits: int = 8, *, granularity: str = "channel",
+                  scan_layers: bool = False) -> tuple[QuantRule, ...]:
+    """Rules that quantize every Dense kernel (``.../kernel``, per output channel) and the
+    token embeddings (``.../embed_tokens/embedding``, one scale per token row) and leave
+    everything else (norms, biases, ``embed_positions``, ``relative_attention_bias``) in
+    full precision. ``bits=2`` uses ternary weights. ``granularity``: ``"channel"`` or
+    ``"tensor"``. With ``scan_layers=True`` stacked kernels get one scale per layer and
+    output channel (axis ``(0, -1)``).
+    """
+    bits = _check_weight_bits(bits)
+    if granularity not in ("channel", "tensor"):
+        raise ValueError(f"granularity must be one of ('channel', 'tensor'), got {granularity!r}")
+    mode = "ternary" if bits == 2 else "symmetric"
+    per_channel = granularity == "channel"
+    rules = []
+    if scan_layers:
+        rules.append(QuantRule(_STACKED_KERNEL, bits, (0, -1) if per_channel else (0,), mode))
+    rules.append(QuantRule(_KERNEL, bits, -1 if per_channel else None, mode))
+    rules.append(QuantRule(_EMBED, bits, 0 if per_channel else None, mode))
+    return tuple(rules)
+
+
+def _key_parts(key_path) -> list[tuple[str, Any]]:
+    """(kind, key) per path entry; kind 'k' = mapping key, 's' = sequence index, 'a' =
+    attribute. nnx Variables add a trailing `.value` attribute, which is dropped."""
+    parts = []
+    for k in key_path:
+        if isinstance(k, jax.tree_util.DictKey):
+            key = k.key
+            parts.append(("k", key if isinstance(key, (int, str)) else str(key)))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(("s", k.idx))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(("a", k.name))
+        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+            parts.append(("s", k.key))
+        else:
+            parts.append(("k", str(k)))
+    if parts and parts[-1] == ("a", "value"):
+        parts = parts[:-1]
+    return parts
+
+
+def path_str(key_path) -> str:
+    """``"encoder/layers/0/self_attn/q_proj/kernel"`` from a ``jax.tree_util`` key path
+    (DictKey, GetAttrKey, SequenceKey, FlattenedIndexKey; nnx ``State`` paths included)."""
+    return "/".join(str(v) for _, v in _key_parts(key_path))
+
+
+def _find_rule(path: str, rules: Sequence[QuantRule]):
+    for r in rules:
+        if r.matches(path):
+            return r if r.bits is not None else None
+    return None
+
+
+def _check_rules(rules):
+    rules = tuple(rules)
+    for r in rules:
+        if not isinstance(r, QuantRule):
+            raise ValueError(f"rules must be QuantRule instances, got {type(r).__name__}: {r!r}")
+    return rules
+
+
+def _is_quantizable(leaf) -> bool:
+    return hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.ndim >= 1
+
+
+def apply_rule(x, rule: QuantRule, path: str = "<leaf>"):
+    """Fake-quantizes one leaf with ``rule`` (STE)."""
+    try:
+        if rule.mode == "ternary":
+            return ternary_quant(x, axis=rule.axis)
+        return fake_quant(x, rule.bits, axis=rule.axis, symmetric=rule.mode == "symmetric")
+    except ValueError as e:
+        raise ValueError(f"parameter {path!r} (shape {tuple(x.shape)}), rule "
+                         f"{rule.pattern!r}: {e}") from None
+
+
+def matched_paths(params, rules: Iterable[QuantRule]) -> dict[str, QuantRule]:
+    """``{path: rule}`` for every floating leaf some rule quantizes (first match wins);
+    works on abstract trees (``jax.eval_shape`` output) too."""
+    rules = _check_rules(rules)
+    out = {}
+    for kp, leaf in jax.tree_util.tree_leaves_with_path(params):
+        p = path_str(kp)
+        r = _find_rule(p, rules)
+        if r is not None and _is_quantizable(leaf):
+            out[p] = r
+    return out
+
+
+def quantize_params(params, rules: Iterable[QuantRule]):
+    """Same pytree (dict, ``nnx.State``, ...) with every leaf matched by a rule replaced
+    by its fake-quantized value (first matching rule wins). Gradients reach the
+    full-precision leaves through the straight-through estimator."""
+    rules = _check_rules(rules)
+
+    def f(kp, leaf):
+        p = path_str(kp)
+        r = _find_rule(p, rules)
+        if r is None or not _is_quantizable(leaf):
+            return leaf
+        return apply_rule(leaf, r, p)
+
+    return jax.tree_util.tree_map_with_path(f, params)
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
+    """Packs integer codes (signed or unsigned, fitting in ``bits``) into a flat uint8 array,
+    ``8 // bits`` codes per byte, first code in the lowest bits. 8-bit codes are returned
+    as is (int8/uint8), flattened."""
+    bits = _check_weight_bits(bits)
+    q = np.asarray(q).reshape(-1)
+    if bits == 8:
+        return q.copy()
+    per = 8 // bits
+    u = (q.astype(np.int16) & ((1 << bits) - 1)).astype(np.uint8)  # two's complement field
+    u = np.concatenate([u, np.zeros((-len(u)) % per, np.uint8)]).reshape(-1, per)
+    out = np.zeros(len(u), np.uint8)
+    for i in range(per):
+        out |= u[:, i] << np.uint8(i * bits)
+    return out
+
+
+def unpack_bits(packed: np.ndarray, bits: int, size: int, *, signed: bool) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: the first ``size`` codes as int8 (``signed``) or uint8."""
+    bits = _check_weight_bits(bits)
+    packed = np.asarray(packed).reshape(-1)
+    if bits == 8:
+        return packed[:size].astype(np.int8 if signed else np.uint8)
+    per, mask = 8 // bits, (1 << bits) - 1
+    p = packed.astype(np.uint8)
+    fields = np.stack([(p >> np.uint8(i * bits)) & np.uint8(mask) for i in range(per)], axis=1)
+    v = fields.reshape(-1)[:size].astype(np.int8)
+    if signed:
+        half = 1 << (bits - 1)
+        v = ((v ^ half) - half).astype(np.int8)  # sign-extend the field
+        return v
+    return v.astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedTensor:
+    """One exported weight: ``codes`` (int8 for 8-bit symmetric, uint8 for 8-bit
+    asymmetric, packed uint8 for 4/2 bits), float32 ``scale`` (keepdims shape, broadcasts
+    against ``shape``), uint8 ``zero_point`` (asymmetric only), the original ``shape`` and
+    ``dtype`` name, ``bits``, ``mode``, ``axis``."""
+
+    codes: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray | None
+    shape: tuple[int, ...]
+    dtype: str
+    bits: int
+    mode: str
+    axis: Any
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.codes.nbytes + self.scale.nbytes
+                   + (0 if self.zero_point is None else self.zero_point.nbytes))
+
+    def int_codes(self) -> np.ndarray:
+        """Unpacked integer codes with the original shape."""
+        size = int(np.prod(self.shape, dtype=np.int64))
+        signed = self.mode != "asymmetric"
+        return unpack_bits(self.codes, self.bits, size, signed=signed).reshape(self.shape)
+
+
+class QuantizedParams(collections.abc.Mapping):
+    """Result of :func:`export_quantized`: a mapping ``path -> QuantizedTensor | np.ndarray``
+    (unquantized leaves kept as they are), in leaf order, plus each path's key structure
+    (so :func:`dequantize` can rebuild the nested tree)."""
+
+    def __init__(self, tensors: dict, key_parts: dict):
+        self.tensors = dict(tensors)
+        self.key_parts = {p: [tuple(k) for k in ks] for p, ks in key_parts.items()}
+
+    def __getitem__(self, path):
+        return self.tensors[path]
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self):
+        return len(self.tensors)
+
+    def __repr__(self):
+        nq = sum(isinstance(v, QuantizedTensor) for v in self.tensors.values())
+        return (f"QuantizedParams({len(self)} leaves, {nq} quantized, "
+                f"{exported_nbytes(self)} bytes)")
+
+
+def _dtype_name(dt) -> str:
+    return jnp.dtype(dt).name
+
+
+def export_quantized(params, rules: Iterable[QuantRule]) -> QuantizedParams:
+    """Integer export: each leaf matched by ``rules`` becomes a :class:`QuantizedTensor`
+    (int8 / packed int4 / packed int2 codes + scales); the rest is kept as NumPy arrays.
+    ``dequantize`` of the result equals ``quantize_params(params, rules)`` bit for bit.
+    Arrays are fetched to the host (single-process)."""
+    rules = _check_rules(rules)
+    tensors, keys = {}, {}
+    for kp, leaf in jax.tree_util.tree_leaves_with_path(params):
+        p = path_str(kp)
+        if p in tensors:
+            raise ValueError(f"two parameters map to the same path {p!r}")
+        keys[p] = _key_parts(kp)
+        r = _find_rule(p, rules)
+        if r is None or not _is_quantizable(leaf):
+            tensors[p] = np.asarray(leaf)
+            continue
+        x = jnp.asarray(leaf)
+        try:
+            q, scale, zp = _codes(x, r.bits, r.axis, r.mode)
+        except ValueError as e:
+            raise ValueError(f"parameter {p!r} (shape {tuple(x.shape)}), rule "
+                             f"{r.pattern!r}: {e}") from None
+        signed = r.mode != "asymmetric"
+        qi = np.asarray(q).astype(np.int8 if signed else np.uint8)
+        tensors[p] = QuantizedTensor(
+            codes=pack_bits(qi, r.bits),
+            scale=np.asarray(scale, np.float32),
+            zero_point=None if zp is None else np.asarray(zp).astype(np.uint8),
+            shape=tuple(x.shape), dtype=_dtype_name(x.dtype), bits=r.bits, mode=r.mode,
+            axis=r.axis)
+    return QuantizedParams(tensors, keys)
+
+
+def exported_nbytes(exported: QuantizedParams) -> int:
+    """Real storage size in bytes: packed codes + scales + zero points + float leaves."""
+    total = 0
+    for v in exported.values():
+        total += v.nbytes if isinstance(v, QuantizedTensor) else int(np.asarray(v).nbytes)
+    return total
+
+
+def _dequantize_one(t: QuantizedTensor):
+    q = jnp.asarray(t.int_codes()).astype(jnp.float32)
+    scale = jnp.asarray(t.scale)
+    zp = None if t.zero_point is None else jnp.asarray(t.zero_point).astype(jnp.float32)
+    return _from_codes(q, scale, zp).astype(t.dtype)
+
+
+def dequantize(exported: QuantizedParams, like=None):
+    """Float parameters back from an export: ``(codes - zero_point) * scale`` in float32,
+    cast to the original dtype (the same operations as the fake-quant forward).
+
+    Without ``like``: a nested dict following the original key structure (ints for
+    sequence indices), usable with ``nnx.update`` / ``State.replace_by_pure_dict``.
+    With ``like`` (e.g. the original ``nnx.State`` or params tree): a tree of that structure.
+    """
+    def value(p):
+        v = exported[p]
+        return _dequantize_one(v) if isinstance(v, QuantizedTensor) else jnp.asarray(v)
+
+    if like is not None:
+        def f(kp, _):
+            p = path_str(kp)
+            if p not in exported:
+                raise ValueError(f"dequantize: parameter {p!r} of `like` is not in the export")
+            return value(p)
+        return jax.tree_util.tree_map_with_path(f, like)
+
+    out: dict = {}
+    for p in exported:
+        parts = exported.key_parts[p]
+        if not parts:
+            return value(p)  # a single bare array was exported
+        node = out
+        for _, k in parts[:-1]:
+            node = node.setdefault(k, {})
+        node[parts[-1][1]] = value(p)
+    return out
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _to_storable(a: np.ndarray) -> tuple[np.ndarray, str]:
+    # safetensors.numpy has no bfloat16 (ml_dtypes): store its bits as uint16.
+    name = _dtype_name(a.dtype)
+    if name == "bfloat16":
+        return np.ascontiguousarray(a).view(np.uint16), name
+    return np.ascontiguousarray(a), name
+
+
+def _from_storable(a: np.ndarray, name: str) -> np.ndarray:
+    if name == "bfloat16":
+        return a.view(jnp.bfloat16)
+    return a.astype(name, copy=False)
+
+
+def save_quantized(exported: QuantizedParams, path) -> None:
+    """Writes an export to one ``.safetensors`` file (tensors ``<path>#codes``,
+    ``#scale``, ``#zero_point`` or ``<path>`` for float leaves) with a JSON description in
+    the header metadata. Atomic: temp file + ``os.replace``."""
+    from safetensors.numpy import save as st_save
+
+    from kd_flax import io_utils
+
+    tensors, entries = {}, {}
+    for p, v in exported.items():
+        e = {"keys": [list(k) for k in exported.key_parts[p]]}
+        if isinstance(v, QuantizedTensor):
+            e.update(kind="quant", shape=list(v.shape), dtype=v.dtype, bits=v.bits, mode=v.mode,
+                     axis=list(v.axis) if isinstance(v.axis, tuple) else v.axis)
+            tensors[p + "#codes"] = np.ascontiguousarray(v.codes)
+            tensors[p + "#scale"] = np.ascontiguousarray(v.scale)
+            if v.zero_point is not None:
+                tensors[p + "#zero_point"] = np.ascontiguousarray(v.zero_point)
+        else:
+            arr, name = _to_storable(np.asarray(v))
+            e.update(kind="float", dtype=name)
+            tensors[p] = arr
+        entries[p] = e
+    meta = {"format": _FORMAT, "entries": json.dumps(entries)}
+    io_utils.atomic_write_bytes(path, st_save(tensors, metadata=meta))
+
+
+def load_quantized(path) -> QuantizedParams:
+    """Reads a file written by :func:`save_quantized`."""
+    from safetensors.numpy import load as st_load
+
+    from kd_flax import io_utils
+
+    with io_utils.open_path(path, "rb") as f:
+        data = f.read()
+    try:
+        tensors = st_load(data)
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{path}: not a safetensors file ({e})") from None
+    # the header metadata is not returned by `load`; parse it from the header itself
+    n = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+    if meta.get("format") != _FORMAT:
+        raise ValueError(f"{path}: metadata format must be {_FORMAT!r}, got {meta.get('format')!r}")
+    entries = json.loads(meta["entries"])
+    out, keys = {}, {}
+    for p, e in entries.items():
+        keys[p] = [tuple(k) for k in e["keys"]]
+        if e["kind"] == "float":
+            out[p] = _from_storable(tensors[p], e["dtype"])
+            continue
+        zp = tensors.get(p + "#zero_point")
+        axis = tuple(e["axis"]) if isinstance(e["axis"], list) else e["axis"]
+        out[p] = QuantizedTensor(codes=tensors[p + "#codes"], scale=tensors[p + "#scale"],
+                                 zero_point=zp, shape=tuple(e["shape"]), dtype=e["dtype"],
+                                 bits=int(e["bits"]), mode=e["mode"], axis=axis)
+    return QuantizedParams(out, keys)
