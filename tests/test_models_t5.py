@@ -1,0 +1,192 @@
+"""T5 family (v1.0, v1.1, mT5) against transformers PyTorch on tiny random checkpoints."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kd_flax.models import layers as L
+from kd_flax.models import load_pretrained
+from tests.model_fixtures import make_batch, make_hf_model, rel_err, to_np, torch_forward
+
+VARIANTS = {
+    "t5_v1_0": ("t5", {}),
+    "t5_v1_1": ("t5", {"feed_forward_proj": "gated-gelu"}),
+    "mt5": ("mt5", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("t5ckpt")
+    return {name: make_hf_model(root, mt, **kw) for name, (mt, kw) in VARIANTS.items()}
+
+
+def _jit_forward(model, output=False):
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def f(state, b):
+        m = nnx.merge(graphdef, state)
+        enc = m.encode(b["input_ids"], b["attention_mask"], output_hidden_states=output,
+                       output_attentions=output)
+        res = m.decode(b["decoder_input_ids"], enc, b["attention_mask"],
+                       decoder_attention_mask=b["decoder_attention_mask"],
+                       output_hidden_states=output, output_attentions=output)
+        return enc, res
+
+    return lambda b: f(state, b)
+
+
+def _incremental(model, b, steps):
+    """Greedy-free teacher-forced decoding one token at a time with the KV cache."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def start(state, ids, mask):
+        m = nnx.merge(graphdef, state)
+        enc = m.encode(ids, mask)
+        return enc, m.init_cache(ids.shape[0], steps, enc, mask)
+
+    @jax.jit
+    def step(state, tok, enc, mask, cache):
+        return nnx.merge(graphdef, state).decode(tok, enc, mask, cache=cache)
+
+    enc, cache = start(state, b["input_ids"], b["attention_mask"])
+    out = []
+    for t in range(steps):
+        logits, cache = step(state, b["decoder_input_ids"][:, t:t + 1], enc, b["attention_mask"], cache)
+        out.append(logits[:, 0])
+    assert int(cache["index"]) == steps
+    return np.stack(out, 1), cache
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logits_hidden_attentions_match_transformers(checkpoints, variant):
+    path, tmodel = checkpoints[variant]
+    model = load_pretrained(path)
+    cfg = model.config
+    if variant == "t5_v1_0":
+        assert cfg.tie_word_embeddings and cfg.scale_decoder_outputs and model.lm_head is None
+    else:
+        assert not cfg.tie_word_embeddings and not cfg.scale_decoder_outputs and cfg.is_gated
+    b = make_batch(1, vocab=cfg.vocab_size)
+    enc, (logits, cache, extras) = _jit_forward(model, output=True)(b)
+    assert cache is None and logits.dtype == jnp.float32
+    ref = torch_forward(tmodel, b, output_hidden_states=True, output_attentions=True)
+    dm, em = b["decoder_attention_mask"], b["attention_mask"]
+    assert rel_err(logits, to_np(ref.logits), dm) < 1e-4
+    # hidden states: embeddings, each layer, final norm (valid positions only)
+    assert len(enc.hidden_states) == len(ref.encoder_hidden_states) == cfg.encoder_layers + 1
+    for a, r in zip(enc.hidden_states, ref.encoder_hidden_states):
+        assert rel_err(a, to_np(r), em) < 1e-4
+    for a, r in zip(extras.hidden_states, ref.decoder_hidden_states):
+        assert rel_err(a, to_np(r), dm) < 1e-4
+    # attention maps [B, H, T, S]: compare rows of valid queries
+    for ours, theirs, qmask in ((enc.attentions, ref.encoder_attentions, em),
+                                (extras.attentions, ref.decoder_attentions, dm),
+                                (extras.cross_attentions, ref.cross_attentions, dm)):
+        assert len(ours) == len(theirs) == 2
+        for a, r in zip(ours, theirs):
+            a, r = np.moveaxis(np.asarray(a), 1, 2), np.moveaxis(to_np(r), 1, 2)  # [B, T, H, S]
+            assert rel_err(a, r, qmask) < 1e-4
+    # logits = logits_hidden @ W (+ b)
+    W, bias = model.unembedding()
+    assert bias is None
+    np.testing.assert_allclose(extras.logits_hidden @ W, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_incremental_decoding_equals_full_forward(checkpoints):
+    path, _ = checkpoints["t5_v1_0"]
+    model = load_pretrained(path)
+    b = make_batch(2, vocab=model.config.vocab_size)
+    _, (full, _) = _jit_forward(model)(b)
+    inc, cache = _incremental(model, b, b["decoder_input_ids"].shape[1])
+    # cache layout: batch on axis 0 of every non-scalar leaf
+    for leaf in jax.tree.leaves(cache):
+        assert leaf.ndim == 0 or leaf.shape[0] == b["input_ids"].shape[0]
+    # teacher-forced positions before any padding are identical
+    assert rel_err(inc, full, b["decoder_attention_mask"]) < 1e-4
+
+
+def test_scan_layers_and_remat_match_unscanned(checkpoints):
+    path, _ = checkpoints["t5_v1_1"]
+    base = load_pretrained(path)
+    scanned = load_pretrained(path, scan_layers=True, remat="dots_saveable")
+    # stacked params carry a leading "layers" logical axis
+    q = scanned.encoder.layers.self_attn.q_proj.kernel
+    assert q.shape[0] == 2 and L.logical_axes_of(q)[0] == "layers"
+    b = make_batch(3, vocab=base.config.vocab_size)
+    (e0, (l0, _)), (e1, (l1, _)) = _jit_forward(base)(b), _jit_forward(scanned)(b)
+    np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-5)
+    inc0, _ = _incremental(base, b, 3)
+    inc1, cache1 = _incremental(scanned, b, 3)
+    assert cache1["layers"]["self"]["k"].shape[:2] == (3, 2)  # [B, layers, L, H, Dh]
+    np.testing.assert_allclose(inc1, inc0, rtol=1e-5, atol=1e-5)
+    assert rel_err(inc0, l0[:, :3], b["decoder_attention_mask"][:, :3]) < 1e-4
+
+
+def test_remat_gradients_match_torch(checkpoints):
+    """Backward pass under full rematerialisation equals PyTorch autograd."""
+    import torch
+
+    path, tmodel = checkpoints["t5_v1_0"]
+    b = make_batch(4, vocab=96)
+    model = load_pretrained(path, remat="full")
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def f(state):
+        def loss(st):
+            lg = nnx.merge(graphdef, st)(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                         decoder_input_ids=b["decoder_input_ids"])
+            return jnp.mean(jax.nn.logsumexp(lg, -1))
+        return jax.value_and_grad(loss)(state)
+
+    value, grads = f(state)
+    tmodel.zero_grad()
+    lg = tmodel(**{k: torch.as_tensor(b[k], dtype=torch.long)
+                   for k in ("input_ids", "attention_mask", "decoder_input_ids")}).logits
+    tloss = torch.logsumexp(lg, -1).mean()
+    tloss.backward()
+    np.testing.assert_allclose(value, tloss.item(), rtol=1e-5)
+    pairs = [(grads["embed_tokens"]["embedding"], tmodel.shared.weight.grad),
+             (grads["decoder"]["layers"][1]["mlp"]["wo"]["kernel"],
+              tmodel.decoder.block[1].layer[2].DenseReluDense.wo.weight.grad.T),
+             (grads["encoder"]["relative_attention_bias"]["embedding"],
+              tmodel.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.grad)]
+    for ours, ref in pairs:
+        assert rel_err(ours[...], to_np(ref)) < 1e-4
+    tmodel.zero_grad()
+
+
+def test_relative_position_bucket_matches_transformers():
+    import torch
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    rel = np.arange(-300, 301)[None, :] - np.zeros((1, 1), int)
+    for bidirectional in (True, False):
+        for nb, md in ((32, 128), (8, 20)):
+            ours = L.relative_position_bucket(jnp.asarray(rel), bidirectional=bidirectional,
+                                              num_buckets=nb, max_distance=md)
+            ref = T5Attention._relative_position_bucket(torch.as_tensor(rel), bidirectional=bidirectional,
+                                                        num_buckets=nb, max_distance=md)
+            np.testing.assert_array_equal(np.asarray(ours), ref.numpy())
+
+
+def test_config_validation_and_from_scratch():
+    from kd_flax.models import T5Config, create_model, tiny_config
+
+    with pytest.raises(ValueError, match="feed_forward_proj"):
+        T5Config(feed_forward_proj="swiglu-gated-x")
+    with pytest.raises(ValueError, match="remat"):
+        tiny_config("t5", remat="bogus_policy")
+    with pytest.raises(ValueError, match="no field"):
+        tiny_config("t5").replace(n_layers=3)
+    cfg = tiny_config("mt5", dtype="bfloat16")
+    m = create_model(cfg, nnx.Rngs(1))
+    lg = nnx.jit(lambda m, a, d: m(input_ids=a, decoder_input_ids=d))(
+        m, jnp.ones((1, 4), jnp.int32), jnp.zeros((1, 2), jnp.int32))
+    assert lg.shape == (1, 2, cfg.vocab_size) and lg.dtype == jnp.float32
+    assert m.embed_tokens.embedding[...].dtype == jnp.float32  # param_dtype stays float32
