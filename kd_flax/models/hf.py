@@ -129,6 +129,17 @@ def dtype_name(dtype) -> str:
     return jnp.dtype(dtype).name
 
 
+def canonical_dtype(dtype, what: str = "dtype") -> str:
+    """Name of a float dtype (``jnp.bfloat16`` → ``"bfloat16"``); ValueError naming ``what``."""
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in ("float32", "bfloat16", "float16", "float64"):
+        raise ValueError(f"{what}={dtype!r}; allowed: float32, bfloat16, float16, float64")
+    return name
+
+
 # ----------------------------------------------------------------------------- path helpers
 
 _LAYER_RE = re.compile(r"^(.*?/layers)/(\d+)/(.*)$")

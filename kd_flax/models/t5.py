@@ -63,6 +63,8 @@ class T5Config(hf.ConfigMixin):
                              "'ACT' or 'gated-ACT' (e.g. 'relu', 'gated-gelu')")
         L.get_activation(self.activation)
         L.remat_policy(self.remat)
+        for k in ("dtype", "param_dtype"):  # canonical names keep configs comparable / JSON-able
+            object.__setattr__(self, k, hf.canonical_dtype(getattr(self, k), f"T5Config.{k}"))
 
     @property
     def is_gated(self) -> bool:
