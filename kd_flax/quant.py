@@ -414,7 +414,7 @@ class QuantRule:
 _KERNEL = r"(.*/)?kernel"
 _EMBED = r"(.*/)?embed_tokens/embedding"
 # Scanned stacks (`scan_layers=True`) have no integer after `layers/`: leaves are [L, ...].
-_STACKED_KERNEL = r"(.*/)?layers/(?!\d+/).*kernel"
+_STACKED_KERNEL = r"(.*/)?layers/(?!\d+/)(.*/)?kernel"
 
 
 def default_rules(bits: int = 8, *, granularity: str = "channel",
