@@ -275,12 +275,17 @@ def _make_mesh(config):
     return sharding.make_mesh(axes, devices=devices), rules
 
 
+_STEP_CACHE: dict = {}  # jitted steps by (model structure, settings, mesh): reuse across runs
+
+
 class GenerateStep:
     """Jitted ``(input_ids, attention_mask, seed) -> (sequences, scores, sum_logprobs)``.
 
     The model crosses the jit boundary as state (``nnx.split``) so its weights are an
     argument, not constants baked into each compiled program. One compilation per
-    ``[batch_size, bucket_length]`` shape; ``compilations()`` reports the count.
+    ``[batch_size, bucket_length]`` shape; the jitted function is cached per model structure,
+    decoding settings and mesh, so a re-run in the same process (a resumed job, the
+    pipeline) compiles nothing again. ``compilations()`` counts traces of that function.
     """
 
     def __init__(self, model, generate_fn: Callable, gen_kwargs: dict, mesh=None, rules=None):
@@ -288,38 +293,54 @@ class GenerateStep:
 
         if isinstance(model, nnx.Module):
             graphdef, state = nnx.split(model)
-            merge = lambda st: nnx.merge(graphdef, st)  # noqa: E731
         else:  # a plain pytree model (tests)
-            state, merge = model, (lambda st: st)
-        self.state, self.mesh, self.traces = state, mesh, 0
+            graphdef, state = None, model
+        self.state, self.mesh = state, mesh
         kwargs = dict(gen_kwargs)
+        try:
+            hash(graphdef)
+            gkey = graphdef
+        except TypeError:  # static attributes such as a generation_config dict
+            gkey = repr(graphdef)
+        key = (generate_fn, gkey, jax.tree.structure(state),
+               tuple(sorted((k, repr(v)) for k, v in kwargs.items())), mesh,
+               None if rules is None else repr(rules))
+        if key not in _STEP_CACHE:
+            if len(_STEP_CACHE) >= 8:
+                _STEP_CACHE.clear()
+            _STEP_CACHE[key] = self._build(graphdef, state, generate_fn, kwargs, mesh, rules)
+        self._fn, self._in, self._traces = _STEP_CACHE[key]
+
+    @staticmethod
+    def _build(graphdef, state, generate_fn, kwargs, mesh, rules):
+        from flax import nnx
+
+        traces = [0]
         sample = kwargs.get("do_sample", False)
 
         def step(state, input_ids, attention_mask, seed):
-            self.traces += 1  # runs at trace time only: counts compilations
-            out = generate_fn(merge(state), input_ids, attention_mask,
-                              seed=seed if sample else 0, **kwargs)
+            traces[0] += 1  # runs at trace time only: counts compilations
+            model = state if graphdef is None else nnx.merge(graphdef, state)
+            out = generate_fn(model, input_ids, attention_mask, seed=seed if sample else 0, **kwargs)
             return out.sequences, out.scores, out.sum_logprobs
 
         if mesh is None:
-            self._fn = jax.jit(step)
-            self._in = None
-        else:
-            from jax.sharding import NamedSharding, PartitionSpec as P
+            return jax.jit(step), None, traces
+        from jax.sharding import NamedSharding, PartitionSpec as P
 
-            from kd_flax import sharding
+        from kd_flax import sharding
 
-            self._in = sharding.batch_sharding(mesh, rules, ndim=2)
-            batch_axes = self._in.spec[0]
-            out_sh = (NamedSharding(mesh, P(batch_axes, None, None)),
-                      NamedSharding(mesh, P(batch_axes, None)), NamedSharding(mesh, P(batch_axes, None)))
-            state_sh = jax.tree.map(lambda x: x.sharding, state)
-            self._fn = jax.jit(step, in_shardings=(state_sh, self._in, self._in,
-                                                   NamedSharding(mesh, P())),
-                               out_shardings=out_sh)
+        in_sh = sharding.batch_sharding(mesh, rules, ndim=2)
+        batch_axes = in_sh.spec[0]
+        out_sh = (NamedSharding(mesh, P(batch_axes, None, None)),
+                  NamedSharding(mesh, P(batch_axes, None)), NamedSharding(mesh, P(batch_axes, None)))
+        state_sh = jax.tree.map(lambda x: x.sharding, state)
+        fn = jax.jit(step, in_shardings=(state_sh, in_sh, in_sh, NamedSharding(mesh, P())),
+                     out_shardings=out_sh)
+        return fn, in_sh, traces
 
     def compilations(self) -> int:
-        return self.traces
+        return self._traces[0]
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray, seed: int):
         seed = np.int32(seed)
@@ -406,6 +427,7 @@ def run(config, workdir, *, force: bool = False, generate_fn: Callable | None = 
         io_utils.atomic_write_json(io_utils.join(out_dir, MANIFEST),
                                    dict(base, status="running", updated=time.time()))
 
+    _remove_stale_temps(out_dir, {s.name(pc) for s in shards})
     pending = [s for s in shards if not io_utils.exists(io_utils.join(out_dir, s.name(pc) + ".jsonl"))]
     log.info("generate: %d examples (%d bad lines), process %d/%d has %d shards, %d to do",
              len(examples), report.num_bad, pi, pc, len(shards), len(pending))
@@ -420,6 +442,18 @@ def run(config, workdir, *, force: bool = False, generate_fn: Callable | None = 
     if pi != 0:
         return dict(base, status="running")
     return _finish(out_dir, base, report, len(examples))
+
+
+def _remove_stale_temps(out_dir, names) -> None:
+    """Deletes temp files a killed run of this process left (``.part-00003.jsonl.x.tmp``)."""
+    if io_utils.is_remote(out_dir):
+        return  # object stores have no temp names
+    for f in out_dir.iterdir():
+        n = f.name
+        if n.startswith(".") and n.endswith(".tmp"):
+            base = n[1:].split(".", 1)[0].replace("dropped-", "part-")
+            if base in names:
+                f.unlink()
 
 
 def _finish(out_dir, base, report, n_examples) -> dict:

@@ -213,41 +213,56 @@ def test_resume_after_exception_equals_uninterrupted(setup, reference_run, tmp_p
     assert manifest["counts"] == reference_run[1]["counts"]
 
 
-_KILL_SCRIPT = r"""
-import sys, time
-sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r})
-import jax
-jax.config.update("jax_num_cpu_devices", 8)
-import test_generate_job as T
-from kd_flax import generate as G
-from pathlib import Path
-G.run(T.config(Path({d!r})), {workdir!r}, generate_fn=T.fake_generate, load_fn=T.make_loader(),
-      on_shard_done=lambda name: (print("DONE", name, flush=True), time.sleep(1.5)))
-"""
+@pytest.fixture(scope="module")
+def real_teacher(tmp_path_factory):
+    """A tiny random T5 saved by kd_flax with a BPE tokenizer trained on the corpus."""
+    from kd_flax import models
+
+    d = tmp_path_factory.mktemp("real")
+    rng = np.random.default_rng(3)
+    pairs = [(" ".join(rng.choice(WORDS, int(rng.integers(1, 9)))),
+              " ".join(rng.choice(WORDS, int(rng.integers(1, 9))))) for _ in range(48)]
+    (d / "c.tsv").write_text("".join(f"{s}\t{r}\n" for s, r in pairs))
+    tok = models.train_tokenizer([t for p in pairs for t in p], 60, kind="bpe")
+    model = models.create_model(models.tiny_config("t5", vocab_size=len(tok)))
+    models.save_pretrained(model, d / "teacher", tokenizer=tok)
+    return d
 
 
-def test_kill9_resume_equals_uninterrupted(setup, reference_run, tmp_path):
-    d, _ = setup
-    script = _KILL_SCRIPT.format(tests=os.path.join(ROOT, "tests"), root=ROOT, d=str(d),
-                                 workdir=str(tmp_path))
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env)
+def test_cli_kill9_then_resume_equals_uninterrupted(real_teacher, tmp_path):
+    """`python -m kd_flax.main generate` on a real tiny T5, SIGKILLed mid-run, then resumed."""
+    d = real_teacher
+    arg = f"teacher={d / 'teacher'},data={d / 'c.tsv'},batch=8,shard=1,max_len=12"
+    ref = G.run(gen_config.get_config(arg), tmp_path / "ref", progress=False)
+    assert ref["counts"]["generated"] == 48 and len(ref["shards"]) == 48
+    work = tmp_path / "killed"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8")
+    proc = subprocess.Popen([sys.executable, "-m", "kd_flax.main", "generate", "--config",
+                             f"{ROOT}/configs/generate.py:{arg}", "--workdir", str(work)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = work / "generate" / "part-00000.jsonl"
     try:
-        line = proc.stdout.readline()  # blocks until the first shard is committed
-        assert line.startswith("DONE part-00000"), line
+        deadline = time.time() + 120
+        while not first.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == -signal.SIGKILL
-    left = outputs(tmp_path)
-    assert 1 <= len(left) < 5
-    G.run(config(d), tmp_path, generate_fn=fake_generate, load_fn=make_loader(), progress=False)
-    assert outputs(tmp_path) == outputs(reference_run[0])
-    ids = [r["id"] for r in records(tmp_path)]
-    assert len(ids) == len(set(ids)) == 42
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    proc.stderr.close()
+    done_before = len(outputs(work))
+    (work / "generate" / ".part-00047.jsonl.abc.tmp").write_text("half a shard")  # as if killed mid-write
+    assert 1 <= done_before < 48  # killed mid-run
+    assert io_utils.read_json(work / "generate" / "manifest.json")["status"] == "running"
+    resumed = []
+    G.run(gen_config.get_config(arg), work, on_shard_done=resumed.append, progress=False)
+    assert len(resumed) == 48 - done_before
+    assert outputs(work) == outputs(tmp_path / "ref")
+    ids = [r["id"] for r in records(work)]
+    assert ids == list(range(48))
+    assert not [f for f in os.listdir(work / "generate") if f.endswith(".tmp")]
 
 
 def test_changed_settings_are_refused(setup, reference_run, tmp_path):
