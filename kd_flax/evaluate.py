@@ -578,6 +578,10 @@ def run(config, workdir: str, *, load_fn: Callable | None = None,
     if load_fn is None:
         from kd_flax import sharding as shd
         rules = tuple(tuple(r) for r in config.mesh.rules)
+        # Logical names the config's rules leave out (e.g. the decoder's `cache_batch`) take
+        # kd_flax.sharding's defaults.
+        named = {r[0] for r in rules}
+        rules += tuple(r for r in shd.DEFAULT_RULES if r[0] not in named)
         if jax.device_count() > 1:
             mesh = shd.make_mesh(dict(config.mesh.axes))
         load_fn = lambda p: _load(p, config, mesh, rules)  # noqa: E731

@@ -6,14 +6,14 @@ import math
 import os
 from types import SimpleNamespace
 
-import ml_collections
+import jax
 import numpy as np
 import pytest
 import sacrebleu
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kd_flax import evaluate
+from kd_flax import config_base, evaluate
 
 HYPS = ["the cat sat on the mat", "a dog runs in the park", "hello world", "it is raining today"]
 REFS_A = ["the cat is on the mat", "a dog is running in the park", "hello world !", "it rains today"]
@@ -201,13 +201,16 @@ def test_split_names_and_selection():
     assert [evaluate.split_name(s) for s in specs] == ["test0", "newstest2014.en-fr", "test", "b"]
     assert evaluate.select_splits(specs, ["b", "test0"]) == [("b", "a/b.tsv"), ("test0", specs[0])]
     assert [n for n, _ in evaluate.select_splits(["x/t.jsonl", "y/t.jsonl"], [])] == ["t", "t_2"]
+    # Materialised synthetic specs are NAME-COUNT.jsonl; the config names them NAME.
+    assert evaluate.select_splits(["d/test0-60.jsonl", "d/test1-60.jsonl"], ["test1"]) == \
+        [("test1", "d/test1-60.jsonl")]
     with pytest.raises(ValueError, match=r"evaluate.splits: \['nope'\].*available"):
         evaluate.select_splits(specs, ["nope"])
     with pytest.raises(ValueError, match="data.test"):
         evaluate.select_splits([], [])
 
 
-def test_run_stage_with_stand_ins(tmp_path, monkeypatch):
+def test_run_stage_with_stand_ins(tmp_path):
     """The stage on a JSONL multi-reference test split, a stand-in model and decoder."""
     split = tmp_path / "test0.jsonl"
     rows = [{"src": "abc de", "ref": "ed cba", "refs": ["ed cba", "ed cb a"]},
@@ -216,20 +219,10 @@ def test_run_stage_with_stand_ins(tmp_path, monkeypatch):
     split.write_text("".join(json.dumps(r) + "\n" for r in rows))
     workdir = tmp_path / "wd"
     (workdir / "distill" / "model").mkdir(parents=True)
-
-    def fake_read(spec, config):
-        lines = [json.loads(x) for x in open(spec)]
-        return [x["src"] for x in lines], [x["refs"] for x in lines]
-
-    monkeypatch.setattr(evaluate, "read_split", fake_read)
-    config = ml_collections.ConfigDict({
-        "data": {"test": [str(split)], "source_prefix": "", "max_source_length": 16,
-                 "bucket_boundaries": (8,), "tgt_lang": "fr"},
-        "teacher": {"path": ""},
-        "student": {"quant": {"weight_bits": 0}},
-        "evaluate": {"splits": [], "models": ["student"], "num_beams": 2, "max_new_tokens": 12,
-                     "batch_size": 2},
-    })
+    config = config_base.base_config()
+    config.data.test = [str(split)]
+    config.data.bucket_boundaries = (8,)
+    config.evaluate.update(splits=[], models=["student"], num_beams=2, max_new_tokens=12, batch_size=2)
     model = SimpleNamespace(config=SimpleNamespace(pad_token_id=0, eos_token_id=1))
     calls = []
     res = evaluate.run(config, str(workdir), load_fn=lambda p: (model, CharTokenizer()),
@@ -251,3 +244,47 @@ def test_run_stage_with_stand_ins(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="teacher.path"):
         evaluate.run(config, str(workdir), load_fn=lambda p: (model, CharTokenizer()),
                      generate_fn=reverse_generate(calls))
+
+
+def test_run_real_tiny_model_on_8_devices(tmp_path):
+    """The stage with its real loader and decoder: a tiny random T5 saved as an HF dir with a
+    tokenizer, a multi-reference JSONL split read by kd_flax.data, decoded over an 8-device mesh."""
+    from kd_flax import config_base, models
+    from flax import nnx
+
+    texts = ["the cat sat", "a dog ran far", "hello there world", "it rains", "le chat", "un chien"]
+    tok = models.train_tokenizer(texts * 5, 64)
+    cfg = models.tiny_config("t5", vocab_size=len(tok))
+    model = models.create_model(cfg, nnx.Rngs(0))
+    workdir = tmp_path / "wd"
+    models.save_pretrained(model, str(workdir / "distill" / "model"), tokenizer=tok)
+    split = tmp_path / "test0-3.jsonl"
+    rows = [{"src": "the cat", "ref": "le chat", "refs": ["le chat", "un chat"]},
+            {"src": "a dog ran", "ref": "un chien", "refs": ["un chien", "le chien"]},
+            {"src": "hello world", "ref": "bonjour", "refs": ["bonjour", "salut"]}]
+    split.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    config = config_base.base_config()
+    config.data.test = [str(split)]
+    config.data.bucket_boundaries = (8,)
+    config.evaluate.update(splits=["test0"], models=["student"], num_beams=1, max_new_tokens=5, batch_size=3)
+    res = evaluate.run(config, str(workdir))
+    m = res["models"]["student"]
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
+    assert m["parameters"] == n_params and m["size_mb"] == pytest.approx(n_params * 4 / 2**20, rel=1e-6)
+    hyps = (workdir / "evaluate" / "hyps" / "student" / "test0.txt").read_text().split("\n")[:3]
+    # The same model decoded directly, one batch padded to its own length (no buckets, no
+    # mesh, no padding rows): bucketing and sharding must not change the output.
+    from kd_flax.decoding import generate
+    enc = tok([r["src"] for r in rows])["input_ids"]
+    width = max(len(x) for x in enc)
+    ids = np.zeros((len(enc), width), np.int32)
+    mask = np.zeros((len(enc), width), np.int32)
+    for i, x in enumerate(enc):
+        ids[i, :len(x)], mask[i, :len(x)] = x, 1
+    out = np.asarray(generate(model, ids, mask, max_new_tokens=5, num_beams=1).sequences)[:, 0]
+    assert [t.strip() for t in tok.batch_decode(out.tolist(), skip_special_tokens=True)] == hyps
+    streams = [[r["refs"][0] for r in rows], [r["refs"][1] for r in rows]]
+    assert m["bleu"]["per_split"] == [pytest.approx(sacrebleu.corpus_bleu(hyps, streams).score)]
+    assert m["chrf"]["per_split"] == [pytest.approx(sacrebleu.corpus_chrf(hyps, streams).score)]
+    assert m["splits"]["test0"]["num_refs"] == 2 and res["splits"] == ["test0"]
