@@ -537,7 +537,7 @@ def fused_kd_kl(
     mask=None,
     *,
     temperature=1.0,
-    chunk_size=1024,
+    chunk_size=512,
     student_bias=None,
     teacher_bias=None,
     reduce=True,
@@ -564,6 +564,8 @@ def fused_kd_kl(
       mask: optional ``[..., T]`` weights.
       student_bias, teacher_bias: optional ``[V]`` (e.g. Marian's ``final_logits_bias``).
       chunk_size: tokens per chunk (> 0); smaller saves memory, larger amortises overhead.
+        Temporary memory is about ``5 * chunk_size * V * 4`` bytes plus two ``[Ds, V]``
+        float32 gradient accumulators (see benchmarks/kd_loss_memory.py).
     """
     hs = _float_array(student_hidden, "student_hidden")
     ht = _float_array(teacher_hidden, "teacher_hidden")

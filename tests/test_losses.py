@@ -1,0 +1,299 @@
+"""kd_flax.losses against float64 NumPy references written from the formulas, torch, and
+finite differences; plus the robustness rules (masks, -inf logits) and the ValueErrors."""
+
+import numpy as np
+import pytest
+import torch
+import jax
+import jax.numpy as jnp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kd_flax import losses as L
+
+SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+RTOL, ATOL = 2e-4, 2e-4
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def np_log_softmax(x):
+    x = np.asarray(x, np.float64)
+    m = np.max(x, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
+
+
+def np_xlogy_kl(p, log_p, log_q):
+    """sum_v p (log p - log q) with 0 log 0 = 0 (p given as probabilities)."""
+    with np.errstate(invalid="ignore"):
+        return np.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+
+
+def np_reduce(per, w):
+    with np.errstate(invalid="ignore"):
+        per = np.where(w != 0, per, 0.0) * w
+    return per.sum(), w.sum(), per
+
+
+def ref_cross_entropy(logits, labels, w, eps, smoothing):
+    """Cross-entropy against the explicit smoothed target distribution."""
+    log_p = np_log_softmax(logits)
+    finite = np.isfinite(np.asarray(logits, np.float64))
+    n_finite = finite.sum(-1, keepdims=True)
+    onehot = np.eye(logits.shape[-1])[np.clip(labels, 0, None)]
+    if smoothing == "fairseq":  # 1-eps on the label, eps/(V'-1) on every other finite entry
+        target = (1 - eps) * onehot + eps / np.maximum(n_finite - 1, 1) * finite * (1 - onehot)
+    else:  # (1-eps) onehot + eps/V' on the finite entries
+        target = (1 - eps) * onehot + eps / n_finite * finite
+    with np.errstate(invalid="ignore"):
+        per = np.where(target > 0, -target * log_p, 0.0).sum(-1)
+    return np_reduce(per, w * (labels >= 0))
+
+
+def ref_kd_kl(s, t, w, temp):
+    log_q, log_p = np_log_softmax(np.float64(s) / temp), np_log_softmax(np.float64(t) / temp)
+    return np_reduce(temp**2 * np_xlogy_kl(np.exp(log_p), log_p, log_q), w)
+
+
+def ref_reverse_kl(s, t, w, temp):
+    log_q, log_p = np_log_softmax(np.float64(s) / temp), np_log_softmax(np.float64(t) / temp)
+    return np_reduce(temp**2 * np_xlogy_kl(np.exp(log_q), log_q, log_p), w)
+
+
+def ref_interpolated(s, t, labels, w, lam, temp):
+    log_q = np_log_softmax(np.float64(s) / temp)
+    p = np.exp(np_log_softmax(np.float64(t) / temp))
+    r = lam * np.eye(s.shape[-1])[np.clip(labels, 0, None)] + (1 - lam) * p
+    with np.errstate(divide="ignore"):
+        log_r = np.log(r)
+    return np_reduce(temp**2 * np_xlogy_kl(r, log_r, log_q), w * (labels >= 0))
+
+
+def ref_jsd(s, t, w, beta, temp):
+    q = np.exp(np_log_softmax(np.float64(s) / temp))
+    p = np.exp(np_log_softmax(np.float64(t) / temp))
+    m = beta * p + (1 - beta) * q
+    with np.errstate(divide="ignore"):
+        lp, lq, lm = np.log(p), np.log(q), np.log(m)
+    per = beta * np_xlogy_kl(p, lp, lm) + (1 - beta) * np_xlogy_kl(q, lq, lm)
+    return np_reduce(temp**2 * per, w)
+
+
+def ref_topk(s, lp, ids, w, temp):
+    log_q = np_log_softmax(np.float64(s) / temp)
+    log_p = np_log_softmax(np.float64(lp) / temp)
+    log_q_k = np.take_along_axis(log_q, np.clip(ids, 0, s.shape[-1] - 1), -1)
+    return np_reduce(temp**2 * np_xlogy_kl(np.exp(log_p), log_p, log_q_k), w)
+
+
+def ref_hidden(s, t, w):
+    return np_reduce(((np.float64(s) - np.float64(t)) ** 2).mean(-1), w)
+
+
+def ref_attention(s, t, qw, kw):
+    s, t = np.float64(s), np.float64(t)
+    *lead, heads, tq, tk = s.shape
+    per = np.zeros(tuple(lead) + (tq,))
+    for idx in np.ndindex(*lead, tq):
+        b, q = idx[:-1], idx[-1]
+        if qw[idx] == 0 or kw[b].sum() == 0:
+            continue
+        for h in range(heads):
+            keys = [k for k in range(tk) if kw[b + (k,)] != 0]
+            sq = [(s[b + (h, q, k)] - t[b + (h, q, k)]) ** 2 * kw[b + (k,)] for k in keys]
+            per[idx] += sum(sq) / kw[b].sum() / heads
+    return np_reduce(per, qw)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@st.composite
+def cases(draw):
+    """Student/teacher logits, labels, mask with garbage in dead rows, maybe -inf vocab."""
+    lead = draw(st.sampled_from([(3,), (1, 4), (2, 3)]))
+    vocab = draw(st.sampled_from([2, 5, 8]))
+    mask_kind = draw(st.sampled_from(["none", "bool", "float"]))
+    neg_inf = draw(st.booleans())
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    s = (rng.normal(size=lead + (vocab,)) * 2).astype(np.float32)
+    t = (rng.normal(size=lead + (vocab,)) * 2).astype(np.float32)
+    labels = rng.integers(0, vocab, size=lead)
+    if mask_kind == "none":
+        mask, w = None, np.ones(lead)
+    elif mask_kind == "bool":
+        mask = rng.random(lead) < 0.7
+        w = mask.astype(np.float64)
+    else:
+        mask = (rng.random(lead) * (rng.random(lead) < 0.7)).astype(np.float32)
+        w = mask.astype(np.float64)
+    if neg_inf and vocab > 2:  # a masked vocab entry per row, the same for both models
+        for idx in np.ndindex(*lead):
+            banned = (labels[idx] + 1 + rng.integers(0, vocab - 1)) % vocab
+            s[idx + (banned,)] = t[idx + (banned,)] = -np.inf
+    dead = w == 0
+    s[dead] = -np.inf  # garbage rows: all -inf
+    t[dead] = np.where(rng.random(t[dead].shape) < 0.5, -np.inf, 1e4)
+    labels = np.where(rng.random(lead) < 0.15, -100, labels)
+    return s, t, labels, mask, w
+
+
+def check(got, ref):
+    assert np.isfinite(np.asarray(got[0])) and np.isfinite(np.asarray(got[1]))
+    np.testing.assert_allclose(np.asarray(got[0]), ref[0], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(np.asarray(got[1]), ref[1], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- vs references
+
+
+@SETTINGS
+@given(cases(), st.sampled_from([0.0, 0.1, 0.3]), st.sampled_from(["fairseq", "uniform"]))
+def test_cross_entropy_reference(case, eps, smoothing):
+    s, _, labels, mask, w = case
+    got = L.cross_entropy(s, labels, mask, label_smoothing=eps, smoothing=smoothing)
+    ref = ref_cross_entropy(s, labels, w, eps, smoothing)
+    check(got, ref)
+    per = L.cross_entropy(s, labels, mask, label_smoothing=eps, smoothing=smoothing, reduce=False)
+    np.testing.assert_allclose(np.asarray(per), ref[2], rtol=RTOL, atol=ATOL)
+    assert np.all(np.asarray(per)[(w == 0) | (labels < 0)] == 0)
+
+
+@SETTINGS
+@given(cases(), st.sampled_from([1.0, 2.0, 0.5]))
+def test_kd_kl_and_reverse_reference(case, temp):
+    s, t, _, mask, w = case
+    check(L.kd_kl(s, t, mask, temperature=temp), ref_kd_kl(s, t, w, temp))
+    check(L.reverse_kl(s, t, mask, temperature=temp), ref_reverse_kl(s, t, w, temp))
+    per = L.kd_kl(s, t, mask, temperature=temp, reduce=False)
+    np.testing.assert_allclose(np.asarray(per), ref_kd_kl(s, t, w, temp)[2], rtol=RTOL, atol=ATOL)
+
+
+@SETTINGS
+@given(cases(), st.sampled_from([0.0, 0.3, 1.0]), st.sampled_from([1.0, 2.0]))
+def test_interpolated_kl_reference(case, lam, temp):
+    s, t, labels, mask, w = case
+    check(
+        L.interpolated_kl(s, t, labels, mask, lam=lam, temperature=temp),
+        ref_interpolated(s, t, labels, w, lam, temp),
+    )
+
+
+@SETTINGS
+@given(cases(), st.sampled_from([0.1, 0.5, 0.9]), st.sampled_from([1.0, 2.0]))
+def test_generalized_jsd_reference(case, beta, temp):
+    s, t, _, mask, w = case
+    check(L.generalized_jsd(s, t, mask, beta=beta, temperature=temp), ref_jsd(s, t, w, beta, temp))
+
+
+@SETTINGS
+@given(cases(), st.integers(1, 4), st.sampled_from([1.0, 2.0]), st.booleans())
+def test_topk_kd_reference(case, k, temp, pad_slot):
+    s, t, _, mask, w = case
+    t = np.where(np.isfinite(t), t, -30.0)  # teacher top-k from a full distribution
+    k = min(k, s.shape[-1])
+    log_t = np_log_softmax(t)
+    ids = np.argsort(-log_t, axis=-1)[..., :k]
+    lp = np.take_along_axis(log_t, ids, -1).astype(np.float32)
+    if pad_slot and k > 1:  # padding slot: -inf log-prob, id outside the vocab is allowed
+        lp[..., -1], ids[..., -1] = -np.inf, -1
+    check(L.topk_kd(s, lp, ids, mask, temperature=temp), ref_topk(s, lp, ids, w, temp))
+
+
+@SETTINGS
+@given(st.sampled_from([(3,), (2, 3)]), st.sampled_from([1, 4]), st.integers(0, 2**32 - 1))
+def test_hidden_and_attention_mse_reference(lead, heads, seed):
+    rng = np.random.default_rng(seed)
+    hs, ht = rng.normal(size=(2,) + lead + (6,)).astype(np.float32)
+    w = (rng.random(lead) < 0.7).astype(np.float32)
+    check(L.hidden_mse(hs, ht, w), ref_hidden(hs, ht, w))
+    tq, tk = 3, 4
+    a_s, a_t = rng.random((2,) + lead[:-1] + (heads, tq, tk)).astype(np.float32)
+    qw = (rng.random(lead[:-1] + (tq,)) < 0.7).astype(np.float32)
+    kw = (rng.random(lead[:-1] + (tk,)) * (rng.random(lead[:-1] + (tk,)) < 0.8)).astype(np.float32)
+    check(L.attention_mse(a_s, a_t, qw, kw), ref_attention(a_s, a_t, qw, kw))
+    ones = (np.ones(lead[:-1] + (tq,)), np.ones(lead[:-1] + (tk,)))
+    check(L.attention_mse(a_s, a_t), ref_attention(a_s, a_t, *ones))
+
+
+# ----------------------------------------------------------------------------- vs torch
+
+
+def test_cross_entropy_uniform_matches_torch():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 7)).astype(np.float32) * 3
+    labels = rng.integers(0, 7, size=(2, 5))
+    labels[0, 3] = labels[1, 0] = -100
+    for eps in (0.0, 0.1, 0.4):
+        want = torch.nn.functional.cross_entropy(
+            torch.tensor(logits).reshape(-1, 7), torch.tensor(labels).reshape(-1),
+            label_smoothing=eps, ignore_index=-100, reduction="sum",
+        )
+        total, count = L.cross_entropy(logits, labels, label_smoothing=eps, smoothing="uniform")
+        np.testing.assert_allclose(float(total), want.item(), rtol=1e-5)
+        assert float(count) == 8.0
+
+
+def test_kd_kl_matches_torch_kl_div():
+    rng = np.random.default_rng(1)
+    s, t = rng.normal(size=(2, 3, 4, 9)).astype(np.float32) * 2
+    for temp in (1.0, 3.0):
+        want = torch.nn.functional.kl_div(
+            torch.log_softmax(torch.tensor(s) / temp, -1), torch.log_softmax(torch.tensor(t) / temp, -1),
+            log_target=True, reduction="sum",
+        ) * temp**2
+        np.testing.assert_allclose(float(L.kd_kl(s, t, temperature=temp)[0]), want.item(), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+def _fd_grad(f, x, h=1e-6):
+    x = np.float64(x)
+    g = np.zeros_like(x)
+    for i in np.ndindex(*x.shape):
+        xp, xm = x.copy(), x.copy()
+        xp[i] += h
+        xm[i] -= h
+        g[i] = (f(xp) - f(xm)) / (2 * h)
+    return g
+
+
+_RNG = np.random.default_rng(2)
+_S, _T = (_RNG.normal(size=(2, 2, 3, 5)) * 1.5).astype(np.float32)  # student/teacher [B=2, T=3, V=5]
+_LABELS = np.array([[1, 4, -100], [0, 2, 3]])
+_W = np.array([[1.0, 0.5, 1.0], [0.0, 1.0, 2.0]])
+_TOPK_LP = np.log(np.array([0.5, 0.3, 0.2]) * np.ones((2, 3, 3))).astype(np.float32)
+_TOPK_IDS = np.array([4, 0, 2]) + np.zeros((2, 3, 3), int)
+_A_S, _A_T = _RNG.random((2, 2, 2, 3, 4)).astype(np.float32)  # [B=2, H=2, Tq=3, Tk=4]
+_KW = np.array([[1.0, 1.0, 0.5, 0.0], [1.0, 1.0, 1.0, 1.0]])
+GRAD_CASES = {
+    "ce_fairseq": (lambda s: L.cross_entropy(s, _LABELS, _W, label_smoothing=0.1),
+                   lambda s: ref_cross_entropy(s, _LABELS, _W, 0.1, "fairseq")[0], _S),
+    "ce_uniform": (lambda s: L.cross_entropy(s, _LABELS, _W, label_smoothing=0.2, smoothing="uniform"),
+                   lambda s: ref_cross_entropy(s, _LABELS, _W, 0.2, "uniform")[0], _S),
+    "kd_kl": (lambda s: L.kd_kl(s, _T, _W, temperature=2.0), lambda s: ref_kd_kl(s, _T, _W, 2.0)[0], _S),
+    "reverse_kl": (lambda s: L.reverse_kl(s, _T, _W, temperature=2.0),
+                   lambda s: ref_reverse_kl(s, _T, _W, 2.0)[0], _S),
+    "interpolated": (lambda s: L.interpolated_kl(s, _T, _LABELS, _W, lam=0.4, temperature=1.5),
+                     lambda s: ref_interpolated(s, _T, _LABELS, _W, 0.4, 1.5)[0], _S),
+    "jsd": (lambda s: L.generalized_jsd(s, _T, _W, beta=0.3, temperature=2.0),
+            lambda s: ref_jsd(s, _T, _W, 0.3, 2.0)[0], _S),
+    "topk": (lambda s: L.topk_kd(s, _TOPK_LP, _TOPK_IDS, _W, temperature=2.0),
+             lambda s: ref_topk(s, _TOPK_LP, _TOPK_IDS, _W, 2.0)[0], _S),
+    "hidden": (lambda s: L.hidden_mse(s, _T, _W), lambda s: ref_hidden(s, _T, _W)[0], _S),
+    "attention": (lambda a: L.attention_mse(a, _A_T, _W, _KW),
+                  lambda a: ref_attention(a, _A_T, _W, _KW)[0], _A_S),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRAD_CASES))
+def test_gradients_match_finite_differences(name):
+    """jax.grad in float32 vs central differences of the float64 NumPy reference."""
+    loss, ref, x = GRAD_CASES[name]
+    got = jax.grad(lambda s: loss(s)[0])(jnp.asarray(x))
+    want = _fd_grad(ref, x)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-3, atol=2e-5)
