@@ -26,10 +26,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
+from flax import nnx
 
 from kd_flax import sharding
-from kd_flax.models import layers
+from kd_flax.models import hf, layers
 
 # ---------------------------------------------------------------------------
 # Config
@@ -57,7 +57,7 @@ def _dtype_name(x) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class BartConfig:
+class BartConfig(hf.ConfigMixin):
     """Hyper-parameters of a BART / mBART / Marian model (HF names and defaults).
 
     The architecture switches are derived from `model_type` (properties below), as in
@@ -144,20 +144,24 @@ class BartConfig:
         return 0 if self.sinusoidal_positions else 2
 
     @property
-    def shared_embeddings(self) -> bool:
-        # Only Marian can have separate source/target vocabularies.
+    def hf_has_shared(self) -> bool:
+        """Whether the HF model has `model.shared` (all but Marian with two vocabularies)."""
         return self.model_type != "marian" or self.share_encoder_decoder_embeddings
 
     @property
+    def shared_embeddings(self) -> bool:
+        """One token table for encoder, decoder (and the tied head). transformers 5 ties
+        nothing at all when `tie_word_embeddings=False`: the encoder and decoder then have
+        their own tables (and `model.shared` is unused)."""
+        return self.tie_word_embeddings and self.hf_has_shared
+
+    @property
     def target_vocab_size(self) -> int:
-        return self.vocab_size if self.shared_embeddings else self.decoder_vocab_size
+        return self.vocab_size if self.hf_has_shared else self.decoder_vocab_size
 
     @property
     def embed_scale(self) -> float:
         return math.sqrt(self.d_model) if self.scale_embedding else 1.0
-
-    def replace(self, **kw) -> "BartConfig":
-        return dataclasses.replace(self, **kw)
 
     @classmethod
     def from_hf(cls, hf: dict, **overrides) -> "BartConfig":
@@ -215,26 +219,6 @@ def tiny_config(model_type: str = "bart", **overrides) -> BartConfig:
         kw.update(scale_embedding=True, decoder_start_token_id=2)
     kw.update(overrides)
     return BartConfig(**kw)
-
-
-# ---------------------------------------------------------------------------
-# Outputs
-# ---------------------------------------------------------------------------
-
-
-@struct.dataclass
-class EncoderOutput:
-    last_hidden_state: jax.Array
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
-
-
-@struct.dataclass
-class DecoderExtras:
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
-    cross_attentions: tuple | None = None
-    logits_hidden: jax.Array | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -348,7 +332,7 @@ class Stack(nnx.Module):
     def __init__(self, config: BartConfig, *, decoder: bool, rngs: nnx.Rngs):
         c = config
         self.config = c
-        vocab = c.decoder_vocab_size if decoder else c.vocab_size
+        vocab = c.target_vocab_size if decoder else c.vocab_size
         init = layers.normal_init(c.init_std)
         self.embed_tokens = (None if c.shared_embeddings else layers.Embed(
             vocab, c.d_model, embedding_init=init, **_kw(c, rngs)))
@@ -460,7 +444,7 @@ class BartModel(nnx.Module):
 
     # -- encoder --
     def encode(self, input_ids, attention_mask, *, output_hidden_states=False,
-               output_attentions=False) -> EncoderOutput:
+               output_attentions=False) -> layers.EncoderOutput:
         """Encoder forward: `input_ids` [B, S] int, `attention_mask` [B, S] (1 = token)."""
         c = self.config
         self._check_length(input_ids.shape[1], "input_ids")
@@ -480,7 +464,7 @@ class BartModel(nnx.Module):
         hidden, attn = self._unpack(ys, c.encoder_layers, 2)
         if hidden is not None:
             hidden = hidden + (x,)  # HF: last entry is the final (normed) output
-        return EncoderOutput(last_hidden_state=x, hidden_states=hidden, attentions=attn)
+        return layers.EncoderOutput(last_hidden_state=x, hidden_states=hidden, attentions=attn)
 
     def _unpack(self, ys, n, k):
         scan = self.config.scan_layers
@@ -540,7 +524,8 @@ class BartModel(nnx.Module):
         else:
             index = cache["index"]
             cache_layers = cache["layers"]
-            max_len = jax.tree.leaves(cache_layers)[0].shape[2 if c.scan_layers else 1]
+            self_k = cache_layers["self"]["k"] if c.scan_layers else cache_layers[0]["self"]["k"]
+            max_len = self_k.shape[2 if c.scan_layers else 1]
             positions = index + jnp.arange(t)
             self_mask = layers.causal_mask(positions, max_len)
         if decoder_attention_mask is not None:
@@ -575,7 +560,7 @@ class BartModel(nnx.Module):
         hidden, attn, cross = self._unpack(ys, c.decoder_layers, 3)
         if hidden is not None:
             hidden = hidden + (h,)
-        return logits, new_cache, DecoderExtras(hidden_states=hidden, attentions=attn,
+        return logits, new_cache, layers.DecoderExtras(hidden_states=hidden, attentions=attn,
                                                 cross_attentions=cross, logits_hidden=h)
 
     def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None,
@@ -595,14 +580,85 @@ class Buffer(nnx.Variable):
 
 
 def generation_defaults(c: BartConfig) -> dict:
-    """HF generation defaults derivable from the model config (overridden by
-    `generation_config.json` when a checkpoint is loaded)."""
-    keys = ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id",
-            "forced_bos_token_id", "forced_eos_token_id")
-    out = {k: getattr(c, k) for k in keys if getattr(c, k) is not None}
-    extra = dict((k, json.loads(v)) for k, v in c.hf_extra)
-    for k in ("num_beams", "max_length", "bad_words_ids", "length_penalty", "no_repeat_ngram_size",
-              "early_stopping", "min_length"):
+    """HF generation defaults derivable from the model config (replaced by
+    `generation_config.json` when a checkpoint is loaded). OPUS-MT configs also carry
+    beam settings (`num_beams`, `max_length`, `bad_words_ids`) in `config.json`."""
+    out = hf.generation_defaults(c)
+    if c.bos_token_id is None:
+        out.pop("bos_token_id", None)
+    extra = {k: json.loads(v) for k, v in c.hf_extra}
+    for k in ("num_beams", "max_length", "bad_words_ids", "length_penalty",
+              "no_repeat_ngram_size", "early_stopping", "min_length"):
         if k in extra:
             out[k] = extra[k]
     return out
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face name table
+# ---------------------------------------------------------------------------
+
+
+def _attn_entries(hf_prefix: str, path: str) -> list:
+    out = []
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        out += hf.dense_entries(f"{hf_prefix}.{proj}", f"{path}/{proj}", bias=True)
+    return out
+
+
+def name_table(c: BartConfig) -> list:
+    """HF tensor names ↔ kd_flax paths (`*ForConditionalGeneration` / `MarianMTModel`)."""
+    e = []
+    lm_alias = ("lm_head.weight",) if c.tie_word_embeddings else ()
+    if c.shared_embeddings:
+        # transformers 5 writes only `model.shared.weight`; older checkpoints also hold
+        # the tied copies, accepted on load.
+        e.append(hf.Entry("model.shared.weight", "embed_tokens/embedding",
+                          aliases=("model.encoder.embed_tokens.weight",
+                                   "model.decoder.embed_tokens.weight") + lm_alias))
+    else:
+        if c.hf_has_shared:
+            # HF keeps an unused `model.shared` here; write the encoder table under that
+            # name too so transformers reports no missing key. On load this entry comes
+            # first, so the encoder's own tensor (next entry) is the one that stays.
+            e.append(hf.Entry("model.shared.weight", "encoder/embed_tokens/embedding"))
+        e.append(hf.Entry("model.encoder.embed_tokens.weight", "encoder/embed_tokens/embedding"))
+        e.append(hf.Entry("model.decoder.embed_tokens.weight", "decoder/embed_tokens/embedding",
+                          aliases=lm_alias))
+    if not c.tie_word_embeddings:
+        e.append(hf.Entry("lm_head.weight", "lm_head/kernel", "transpose"))
+    e.append(hf.Entry("final_logits_bias", "final_logits_bias",
+                      hf_shape=(1, c.target_vocab_size)))
+    for side, n in (("encoder", c.encoder_layers), ("decoder", c.decoder_layers)):
+        pre = f"model.{side}"
+        if not c.sinusoidal_positions:
+            e.append(hf.Entry(f"{pre}.embed_positions.weight", f"{side}/embed_positions/embedding"))
+        if c.layernorm_embedding:
+            e += hf.norm_entries(f"{pre}.layernorm_embedding", f"{side}/layernorm_embedding",
+                                 bias=True)
+        if c.add_final_layer_norm:
+            e += hf.norm_entries(f"{pre}.layer_norm", f"{side}/layer_norm", bias=True)
+        for i in range(n):
+            lp, kp = f"{pre}.layers.{i}", f"{side}/layers/{i}"
+            e += _attn_entries(f"{lp}.self_attn", f"{kp}/self_attn")
+            e += hf.norm_entries(f"{lp}.self_attn_layer_norm", f"{kp}/self_attn_layer_norm",
+                                 bias=True)
+            if side == "decoder":
+                e += _attn_entries(f"{lp}.encoder_attn", f"{kp}/encoder_attn")
+                e += hf.norm_entries(f"{lp}.encoder_attn_layer_norm",
+                                     f"{kp}/encoder_attn_layer_norm", bias=True)
+            e += hf.dense_entries(f"{lp}.fc1", f"{kp}/fc1", bias=True)
+            e += hf.dense_entries(f"{lp}.fc2", f"{kp}/fc2", bias=True)
+            e += hf.norm_entries(f"{lp}.final_layer_norm", f"{kp}/final_layer_norm", bias=True)
+    return e
+
+
+hf.register_family(hf.ModelFamily(
+    name="bart", model_types=MODEL_TYPES, config_cls=BartConfig, model_cls=BartModel,
+    name_table=name_table, tiny_config=tiny_config,
+    # Marian's sinusoidal tables (written by older transformers) are recomputed, not
+    # loaded (BART's learned tables are in the name table, so never "unexpected");
+    # fairseq-converted checkpoints carry `version` buffers.
+    ignore_unexpected=(r"model\.(encoder|decoder)\.embed_positions\.weight",
+                       r"model\.(encoder|decoder)\.version"),
+))
