@@ -190,3 +190,15 @@ def test_config_validation_and_from_scratch():
         m, jnp.ones((1, 4), jnp.int32), jnp.zeros((1, 2), jnp.int32))
     assert lg.shape == (1, 2, cfg.vocab_size) and lg.dtype == jnp.float32
     assert m.embed_tokens.embedding[...].dtype == jnp.float32  # param_dtype stays float32
+
+
+def test_dense_activation_quantization():
+    """Dense(act_quant_bits=8) quantizes its input per tensor (symmetric, 8 bits) before the
+    matmul: reference written from the formula in float64."""
+    d = L.Dense(5, 3, act_quant_bits=8, rngs=nnx.Rngs(0))
+    x = np.random.default_rng(0).normal(size=(2, 5)).astype(np.float32)
+    step = np.abs(x.astype(np.float64)).max() / 127
+    xq = np.clip(np.round(x / step), -127, 127) * step
+    ref = xq @ np.asarray(d.kernel[...], np.float64) + np.asarray(d.bias[...], np.float64)
+    np.testing.assert_allclose(d(jnp.asarray(x)), ref, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(L.Dense(5, 3, rngs=nnx.Rngs(0))(jnp.asarray(x)), ref, atol=1e-7)
