@@ -273,9 +273,9 @@ def test_resume_after_crash_reproduces_losses_exactly(tmp_path):
     cfg = tcfg(steps=10, checkpoint_every=3, **{"loss.kd_weight": 0.5})
     ex = _examples()
     tp = params_of(teacher)
+    step = T.make_train_step(student, cfg, teacher=teacher)  # one compilation for the three runs
 
     def run(workdir, **kw):
-        step = T.make_train_step(student, cfg, teacher=teacher)
         state = T.init_train_state(params_of(student), cfg)
         return T.train(step, state, cfg, workdir=str(workdir), batches=_batches_fn(ex, cfg), teacher_params=tp,
                        progress=False, **kw)

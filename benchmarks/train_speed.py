@@ -1,0 +1,180 @@
+"""Distillation train-step speed: kd_flax vs an equivalent transformers PyTorch step, same CPU.
+
+Student T5-small shape (d 512, 6+6 layers, 8 heads, d_ff 2048, vocab 32128), teacher T5-base
+shape (d 768, 12+12 layers, 12 heads, d_ff 3072), random weights, batch 16 × 32 source / 32
+target tokens, float32. One step = teacher forward (no grad) + student forward +
+(CE + T²·KL(teacher ‖ student)) + backward + global-norm clipping + AdamW. Also the kd_flax
+step with W8A8 fake quantization (weights by `quant.default_rules(8)`, activations 8-bit
+dynamic per tensor at every Dense input) and its overhead over the float step.
+
+    python benchmarks/train_speed.py                 # full size (a few minutes on 2 cores)
+    python benchmarks/train_speed.py --small         # a quick smoke run
+Tokens/s counts source + target tokens of the batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def shapes(small: bool):
+    if small:
+        s = dict(vocab_size=1024, d_model=128, d_kv=32, d_ff=256, encoder_layers=2, decoder_layers=2, num_heads=4)
+        t = dict(vocab_size=1024, d_model=192, d_kv=32, d_ff=384, encoder_layers=3, decoder_layers=3, num_heads=6)
+    else:
+        s = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, encoder_layers=6, decoder_layers=6, num_heads=8)
+        t = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, encoder_layers=12, decoder_layers=12,
+                 num_heads=12)
+    return s, t
+
+
+def make_batch(args, vocab, seed=0):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    b, s, t = args.batch, args.src_len, args.tgt_len
+    labels = rng.integers(2, vocab, (b, t)).astype(np.int32)
+    return {
+        "input_ids": rng.integers(2, vocab, (b, s)).astype(np.int32),
+        "attention_mask": np.ones((b, s), np.int32),
+        "labels": labels,
+        "decoder_input_ids": np.concatenate([np.zeros((b, 1), np.int32), labels[:, :-1]], 1),
+        "decoder_attention_mask": np.ones((b, t), np.int32),
+    }
+
+
+def time_steps(fn, warmup: int, steps: int) -> tuple[float, float]:
+    """(first call seconds incl. compilation, median seconds of the timed calls)."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times)
+
+
+def bench_kd_flax(args, s_kw, t_kw, batch, *, w8a8: bool):
+    import jax
+    import ml_collections
+    from flax import nnx
+
+    from kd_flax import models, quant, train
+
+    teacher = models.create_model(models.T5Config(**t_kw, dropout_rate=0.0), nnx.Rngs(0))
+    s_cfg = models.T5Config(**s_kw, dropout_rate=0.0, act_quant_bits=8 if w8a8 else None)
+    student = models.create_model(s_cfg, nnx.Rngs(1))
+    cfg = ml_collections.ConfigDict({
+        "steps": 1000, "grad_accum": 1,
+        "optimizer": {"name": "adamw", "learning_rate": 1e-4, "warmup_steps": 0, "schedule": "constant",
+                      "weight_decay": 0.01, "grad_clip_norm": 1.0, "b1": 0.9, "b2": 0.999},
+        "loss": {"ce_weight": 1.0, "kd_weight": 1.0, "kd_type": "kl", "temperature": args.temperature},
+    })
+    rules = quant.default_rules(8) if w8a8 else None
+    step = train.make_train_step(student, cfg, teacher=teacher, quant_rules=rules)
+    tp = nnx.state(teacher, nnx.Param)
+    state = [train.init_train_state(nnx.state(student, nnx.Param), cfg)]
+    del student
+    dev_batch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
+
+    def one():
+        state[0], m = step(state[0], dev_batch, tp)
+        jax.block_until_ready(m)
+        return m
+
+    first, med = time_steps(one, args.warmup, args.steps)
+    loss = float(one()["loss"][0])
+    return first, med, loss
+
+
+def bench_torch(args, s_kw, t_kw, batch):
+    import torch
+    import torch.nn.functional as F
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    def hf_cfg(kw):
+        return transformers.T5Config(vocab_size=kw["vocab_size"], d_model=kw["d_model"], d_kv=kw["d_kv"],
+                                     d_ff=kw["d_ff"], num_layers=kw["encoder_layers"],
+                                     num_decoder_layers=kw["decoder_layers"], num_heads=kw["num_heads"],
+                                     dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
+
+    teacher = transformers.T5ForConditionalGeneration(hf_cfg(t_kw)).eval()
+    student = transformers.T5ForConditionalGeneration(hf_cfg(s_kw)).train()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.01)
+    tb = {k: torch.from_numpy(v).long() for k, v in batch.items()}
+    T = args.temperature
+
+    def one():
+        with torch.no_grad():
+            t_logits = teacher(input_ids=tb["input_ids"], attention_mask=tb["attention_mask"],
+                               decoder_input_ids=tb["decoder_input_ids"]).logits
+        s_logits = student(input_ids=tb["input_ids"], attention_mask=tb["attention_mask"],
+                           decoder_input_ids=tb["decoder_input_ids"]).logits
+        v = s_logits.shape[-1]
+        n = tb["decoder_attention_mask"].sum()
+        ce = F.cross_entropy(s_logits.reshape(-1, v), tb["labels"].reshape(-1), reduction="sum") / n
+        kl = F.kl_div(F.log_softmax(s_logits / T, -1).reshape(-1, v), F.log_softmax(t_logits / T, -1).reshape(-1, v),
+                      log_target=True, reduction="sum") * T * T / n
+        loss = ce + kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        return loss.item()
+
+    first, med = time_steps(one, args.warmup, args.steps)
+    return first, med, one()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--small", action="store_true", help="tiny shapes for a smoke run")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--src_len", type=int, default=32)
+    p.add_argument("--tgt_len", type=int, default=32)
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps (the first compiles)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--skip", default="", help="comma list of: torch, float, w8a8")
+    args = p.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    s_kw, t_kw = shapes(args.small)
+    batch = make_batch(args, s_kw["vocab_size"])
+    tokens = args.batch * (args.src_len + args.tgt_len)
+    rows = {}
+    if "torch" not in skip:
+        rows["transformers (PyTorch)"] = bench_torch(args, s_kw, t_kw, batch)
+    if "float" not in skip:
+        rows["kd_flax float32"] = bench_kd_flax(args, s_kw, t_kw, batch, w8a8=False)
+    if "w8a8" not in skip:
+        rows["kd_flax W8A8 fake-quant"] = bench_kd_flax(args, s_kw, t_kw, batch, w8a8=True)
+    import jax
+    import torch
+    print(f"\nstudent {s_kw}\nteacher {t_kw}\nbatch {args.batch} x {args.src_len}/{args.tgt_len} tokens, "
+          f"float32, jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
+          f"({args.threads} threads), median of {args.steps} steps after {args.warmup} warmup\n")
+    print("| step | first call s | s/step | tokens/s | loss |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, (first, med, loss) in rows.items():
+        print(f"| {name} | {first:.1f} | {med:.3f} | {tokens / med:.0f} | {loss:.3f} |")
+    if "transformers (PyTorch)" in rows and "kd_flax float32" in rows:
+        r = rows["transformers (PyTorch)"][1] / rows["kd_flax float32"][1]
+        print(f"\nkd_flax / PyTorch tokens/s: {r:.2f}x (target >= 1.5x)")
+    if "kd_flax float32" in rows and "kd_flax W8A8 fake-quant" in rows:
+        o = rows["kd_flax W8A8 fake-quant"][1] / rows["kd_flax float32"][1] - 1
+        print(f"W8A8 fake-quant overhead: {100 * o:+.1f}% (target <= 10%)")
+
+
+if __name__ == "__main__":
+    main()
