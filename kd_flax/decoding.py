@@ -583,12 +583,36 @@ def _constrain_batch(tree, mesh, batch_spec):
     return jax.tree.map(one, tree)
 
 
+class _StaticGraph:
+    """Hashable handle of an `nnx.GraphDef` for jit's static arguments.
+
+    A GraphDef hashes by structure, unless the module holds an unhashable static attribute (e.g.
+    a `generation_config` dict); then its repr (structure and static values) is the key.
+    """
+
+    def __init__(self, graphdef):
+        self.graphdef = graphdef
+        try:
+            hash(graphdef)
+            self._key = graphdef
+        except TypeError:
+            self._key = repr(graphdef)
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, _StaticGraph) and self._key == other._key
+
+
 def _generate_impl(graphdef, state, input_ids, attention_mask, seed, *, settings: GenerationSettings,
                    mesh=None, batch_spec=None) -> GenerateOutput:
     """Traced body of `generate`: encode, build the cache once, run the decoding loop."""
     from flax import nnx
 
     TRACE_COUNTS["generate"] += 1
+    if isinstance(graphdef, _StaticGraph):
+        graphdef = graphdef.graphdef
     model = nnx.merge(graphdef, state)
     model.eval()  # dropout off, whatever mode the caller left the model in
     st = settings
@@ -684,7 +708,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, num_
     _check_inputs(input_ids, attention_mask)
     mask = _default_mask(input_ids, settings) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     graphdef, state = nnx.split(model)
-    return _generate_jit(graphdef, state, input_ids, mask, jnp.int32(seed), settings=settings)
+    return _generate_jit(_StaticGraph(graphdef), state, input_ids, mask, jnp.int32(seed), settings=settings)
 
 
 def _rules_key(rules):
@@ -698,8 +722,7 @@ def _cached_sharded_fn(model, mesh, rules, kwargs):
     """One sharded function per (model structure, mesh, rules, settings)."""
     from flax import nnx
 
-    graphdef = nnx.graphdef(model)
-    key = (graphdef, mesh, _rules_key(rules), resolve_settings(model, **kwargs))
+    key = (_StaticGraph(nnx.graphdef(model)), mesh, _rules_key(rules), resolve_settings(model, **kwargs))
     fn = _SHARDED_CACHE.get(key)
     if fn is None:
         fn = _SHARDED_CACHE[key] = make_generate_fn(model, mesh, rules, **kwargs)
@@ -756,7 +779,9 @@ def make_generate_fn(model, mesh, rules=None, **settings):
         # e.g. after `kd_flax.sharding.shard_model`).
         params = jax.device_put(nnx.state(model) if state is None else state, state_sh)
         ids, mask = jax.device_put(input_ids, data_sh), jax.device_put(mask, data_sh)
-        return jitted(params, ids, mask, jnp.int32(seed))
+        # The mesh and rules are visible to the model's own activation constraints while tracing.
+        with jax.set_mesh(mesh), shd.use_rules(rules):
+            return jitted(params, ids, mask, jnp.int32(seed))
 
     run.jitted, run.settings, run.model = jitted, settings, model
     return run
