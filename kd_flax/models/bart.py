@@ -117,9 +117,10 @@ class BartConfig(hf.ConfigMixin):
         if self.decoder_vocab_size is None:
             object.__setattr__(self, "decoder_vocab_size", self.vocab_size)
         if self.decoder_start_token_id is None:
-            # mBART starts decoding from </s> (the target language code is then forced
-            # as the first generated token through `forced_bos_token_id`).
-            object.__setattr__(self, "decoder_start_token_id", self.eos_token_id)
+            # Marian starts decoding from <pad>; mBART from </s> (the target language code
+            # is then forced as the first generated token through `forced_bos_token_id`).
+            start = self.pad_token_id if self.model_type == "marian" else self.eos_token_id
+            object.__setattr__(self, "decoder_start_token_id", start)
 
     # -- architecture switches (fixed per model_type, as in transformers) --
     @property
