@@ -15,23 +15,16 @@ from typing import Any
 
 import ml_collections
 
+from kd_flax.sharding import DEFAULT_RULES
+
 # ---------------------------------------------------------------------------
 # Mesh presets: mesh axes and the logical-axis → mesh-axis rules for each target.
 # "data" carries the batch, "fsdp" shards parameters *and* the batch (ZeRO-3 style),
 # "model" is tensor parallelism over heads / mlp / vocab.
 # ---------------------------------------------------------------------------
 
-_TP_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("heads", "model"),
-    ("kv", None),
-    ("mlp", "model"),
-    ("vocab", "model"),
-    ("layers", None),
-    ("rel_pos", None),
-)
+# One rule set for every preset (kd_flax.sharding's defaults); presets differ in mesh shape.
+_TP_RULES = DEFAULT_RULES
 
 MESH_PRESETS: dict[str, dict[str, Any]] = {
     # CPU (and the tests' 8 fake devices): everything on the data axis.

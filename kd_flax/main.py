@@ -62,7 +62,7 @@ def _stage_keys(stage: str, cfg: dict) -> dict:
 
 
 _UPSTREAM = {"finetune": (), "generate": ("finetune",), "distill": ("generate",),
-             "evaluate": ("distill",), "export": ("distill",)}
+             "evaluate": ("finetune", "distill"), "export": ("distill",)}
 
 
 def stage_record(stage: str, cfg: dict, hashes: dict[str, str]) -> dict:
@@ -235,6 +235,17 @@ def run(stage: str, config, workdir: str, *, force: bool = False, variants: list
     student_stages = [s for s in wanted if s in STUDENT_STAGES]
     if student_stages:
         vconfigs = variant_configs(config)
+        if "" not in vconfigs and "evaluate" in student_stages:
+            # With variants, the teacher is evaluated once here and each variant only its student.
+            if "teacher" in config.evaluate.models:
+                tcfg = config.copy_and_resolve_references()
+                with tcfg.unlocked():
+                    tcfg.evaluate.models = ["teacher"]
+                results["evaluate"] = run_stage("evaluate", _stage_fn("evaluate"), tcfg, workdir, hashes,
+                                                force=force, is_writer=is_writer)
+            for vcfg in vconfigs.values():
+                with vcfg.unlocked():
+                    vcfg.evaluate.models = [m for m in vcfg.evaluate.models if m != "teacher"]
         for name, vcfg in vconfigs.items():
             if variants and name not in variants:
                 continue
@@ -255,6 +266,10 @@ def run(stage: str, config, workdir: str, *, force: bool = False, variants: list
 
 def _maybe_init_distributed() -> None:
     import jax
+    if (_COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS")) and \
+            os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        # Several CPU processes (the multi-host test, or a CPU cluster) talk through gloo.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if _COORDINATOR.value:
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                    num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
