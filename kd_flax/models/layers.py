@@ -251,7 +251,9 @@ class MultiHeadAttention(nnx.Module):
 def init_kv_cache(batch_size: int, max_length: int, num_heads: int, head_dim: int, dtype) -> dict:
     """Empty self-attention cache ``{'k','v'}`` [B, L, H, Dh]."""
     shape = (batch_size, max_length, num_heads, head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    axes = ("cache_batch", "length", "heads", "kv")
+    return {"k": _sharding.constrain(jnp.zeros(shape, dtype), axes),
+            "v": _sharding.constrain(jnp.zeros(shape, dtype), axes)}
 
 
 # ----------------------------------------------------------------------------- masks
