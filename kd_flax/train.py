@@ -721,12 +721,13 @@ def _model_config(model_dict: dict, tokenizer, **extra):
     d = dict(model_dict)
     if "model_type" not in d:
         raise ValueError(f"model config: missing 'model_type'; allowed: {hf.registered_model_types()}")
-    d.setdefault("vocab_size", len(tokenizer))
+    if not d.get("vocab_size"):  # 0/None = the tokenizer's size
+        d["vocab_size"] = len(tokenizer)
     for key, tok_attr in (("pad_token_id", "pad_token_id"), ("eos_token_id", "eos_token_id")):
         if getattr(tokenizer, tok_attr, None) is not None:
             d.setdefault(key, getattr(tokenizer, tok_attr))
     d.setdefault("decoder_start_token_id", d.get("pad_token_id", 0))
-    return hf.get_family(d["model_type"]).config_cls.from_hf(d, **extra)
+    return hf.get_family(d["model_type"]).config_cls.from_hf(d).replace(**extra)
 
 
 def _train_overrides(tcfg) -> dict:
@@ -919,11 +920,12 @@ def build_student(config, teacher, teacher_tokenizer, *, overrides=None):
         model = models.load_pretrained(sc.path, **over)
         return model, models.load_tokenizer(sc.path), student_lib.StudentInfo("pretrained")
     if sc.init == "scratch":
-        if over.get("model_type", teacher.config.model_type) == teacher.config.model_type:
-            layers = {k: v for k, v in (("encoder_layers", sc.encoder_layers), ("decoder_layers", sc.decoder_layers)) if v}
-            cfg = teacher.config.replace(**{k: v for k, v in over.items() if k != "model_type"}, **layers)
-        else:
-            cfg = _model_config(over, teacher_tokenizer)
+        layers = {k: v for k, v in (("encoder_layers", sc.encoder_layers), ("decoder_layers", sc.decoder_layers)) if v}
+        if "model_type" in over:  # an HF-style config of any family; ids from the tokenizer
+            fields = {k: over.pop(k) for k in list(over) if k in ("dtype", "remat", "act_quant_bits")}
+            cfg = _model_config(over, teacher_tokenizer, **fields).replace(**layers)
+        else:  # the teacher's architecture with some fields changed
+            cfg = teacher.config.replace(**over, **layers)
         model, info = student_lib.scratch_student(cfg, seed=int(config.seed))
         return model, teacher_tokenizer, info
     raise ValueError(f"student.init: {sc.init!r} is not allowed; allowed: layer_copy, scratch, pretrained")
