@@ -391,7 +391,8 @@ class BartModel(nnx.Module):
         c = config
         self.config = c
         init = layers.normal_init(c.init_std)
-        # One table for source and target (HF `model.shared`), unless Marian keeps two.
+        # One table for source, target and head (HF `model.shared`) when tied; otherwise
+        # each stack has its own (see BartConfig.shared_embeddings).
         self.embed_tokens = (layers.Embed(c.vocab_size, c.d_model, embedding_init=init,
                                           **_kw(c, rngs)) if c.shared_embeddings else None)
         self.encoder = Stack(c, decoder=False, rngs=rngs)
@@ -399,11 +400,12 @@ class BartModel(nnx.Module):
         self.lm_head = (None if c.tie_word_embeddings else
                         _dense(c, c.d_model, c.target_vocab_size, ("embed", "vocab"), rngs,
                                use_bias=False))
-        # HF keeps this as a buffer (not trained); a non-Param variable keeps it out of
-        # optimizers that train `nnx.Param` only, but in the state so it is saved.
-        self.final_logits_bias = Buffer(
-            jnp.zeros((c.target_vocab_size,), jnp.dtype(c.param_dtype)),
-            **{layers.LOGICAL_AXES: ("vocab",)})
+        # A buffer in transformers, but the trained output bias of the original Marian
+        # models; a Param here so layer copy, dtype changes and checkpoints carry it
+        # like every other weight (and fine-tuning may adapt it).
+        self.final_logits_bias = layers.param(rngs.params(), jax.nn.initializers.zeros,
+                                              (c.target_vocab_size,), jnp.dtype(c.param_dtype),
+                                              ("vocab",))
         # Stored as JSON text: static NNX attributes must be hashable.
         self.generation_config_json: str = json.dumps(generation_defaults(c), sort_keys=True)
 
@@ -574,10 +576,6 @@ class BartModel(nnx.Module):
         logits, _ = self.decode(decoder_input_ids, enc, attention_mask,
                                 decoder_attention_mask=decoder_attention_mask)
         return logits
-
-
-class Buffer(nnx.Variable):
-    """A non-trainable array kept in the model state (transformers' `register_buffer`)."""
 
 
 def generation_defaults(c: BartConfig) -> dict:
