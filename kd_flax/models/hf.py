@@ -231,16 +231,21 @@ class _LocalCopy:
             os.unlink(self.tmp.name)
 
 
+def _safetensors_names(p) -> list[str]:
+    """Tensor names from a safetensors header (8-byte length + JSON); reads only the header,
+    so listing a remote file does not download it."""
+    import struct
+
+    with p.open("rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    return [k for k in header if k != "__metadata__"]
+
+
 def _names_in(files, weight_map) -> dict[str, Any]:
-    from safetensors import safe_open
     if weight_map is not None:
         return {name: files[0].parent / f for name, f in weight_map.items()}
-    out = {}
-    for f in files:
-        with _LocalCopy(f) as local, safe_open(local, framework="numpy") as st:
-            for name in st.keys():
-                out[name] = f
-    return out
+    return {name: f for f in files for name in _safetensors_names(f)}
 
 
 def _short(names, n=10) -> str:
