@@ -266,6 +266,9 @@ class T5Model(nnx.Module):
     # ---------------------------------------------------------------- encoder
     def encode(self, input_ids, attention_mask=None, *, output_hidden_states: bool = False,
                output_attentions: bool = False) -> L.EncoderOutput:
+        """Encode ``input_ids`` [B, S] (``attention_mask`` 1 = token, default all ones).
+        ``hidden_states``: embeddings, each layer's input, then the final-norm output
+        (like transformers); ``attentions``: [B, H, S, S] per layer."""
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         stack = self.encoder
@@ -313,6 +316,16 @@ class T5Model(nnx.Module):
     # ---------------------------------------------------------------- decoder
     def decode(self, decoder_input_ids, encoder_out, attention_mask=None, *, decoder_attention_mask=None,
                cache=None, output_hidden_states: bool = False, output_attentions: bool = False):
+        """Decoder + LM head → ``(logits [B, T, V] float32, cache)``, plus ``DecoderExtras``
+        when an output flag is set.
+
+        Without ``cache``: teacher-forced over the full ``decoder_input_ids`` [B, T] (causal),
+        ``decoder_attention_mask`` [B, T] masks padded keys. With ``cache`` (from
+        :meth:`init_cache`): ``decoder_input_ids`` are the next tokens [B, T≥1] written at
+        ``cache['index']``; ``decoder_attention_mask``, if given, covers the whole cache
+        [B, max_length]. ``encoder_out``: an ``EncoderOutput`` or its last hidden state;
+        ``attention_mask``: the encoder padding mask [B, S].
+        """
         enc = _hidden(encoder_out)
         if attention_mask is None:
             attention_mask = jnp.ones(enc.shape[:2], jnp.int32)
@@ -379,6 +392,7 @@ class T5Model(nnx.Module):
 
     def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None,
                  decoder_attention_mask=None):
+        """Teacher-forced logits [B, T, V] (float32), keyword names as in transformers."""
         if input_ids is None or decoder_input_ids is None:
             raise ValueError("T5Model(...) needs input_ids= and decoder_input_ids=")
         enc = self.encode(input_ids, attention_mask)
