@@ -95,6 +95,10 @@ def test_sharded_load_and_forward_equal_single_device(ckpt, mesh_name):
     with jax.set_mesh(mesh):
         out, step, cache = jax.jit(fwd, in_shardings=(state_sh, in_sh))(state, b)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    # an existing single-device model moved onto the mesh gets the same layout
+    moved = S.shard_model(single, mesh)
+    assert moved.embed_tokens.embedding[...].sharding.spec == emb.sharding.spec
+    np.testing.assert_array_equal(moved.embed_tokens.embedding[...], emb)
     np.testing.assert_allclose(step[:, 0], ref[:, 0], rtol=1e-4, atol=1e-4)
     assert out.sharding.spec[0] in ("data", ("data", "fsdp"))  # batch stays split over data
     assert cache["layers"][0]["self"]["k"].sharding.spec[0] in ("data", ("data", "fsdp"))
