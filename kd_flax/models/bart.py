@@ -199,7 +199,7 @@ class BartConfig(hf.ConfigMixin):
                                  "mbart": "MBartForConditionalGeneration",
                                  "marian": "MarianMTModel"}[self.model_type]]
         out["is_encoder_decoder"] = True
-        out["torch_dtype"] = self.param_dtype
+        out["dtype"] = self.param_dtype  # the storage dtype, as transformers 5 writes it
         return out
 
 
@@ -514,7 +514,7 @@ class BartModel(nnx.Module):
         """
         c = self.config
         enc = getattr(encoder_out, "last_hidden_state", encoder_out)
-        b, t = decoder_input_ids.shape
+        t = decoder_input_ids.shape[1]
         if attention_mask is None:
             attention_mask = jnp.ones(enc.shape[:2], jnp.int32)
         cross_mask = layers.padding_mask(None, attention_mask)
@@ -563,8 +563,9 @@ class BartModel(nnx.Module):
         hidden, attn, cross = self._unpack(ys, c.decoder_layers, 3)
         if hidden is not None:
             hidden = hidden + (h,)
-        return logits, new_cache, layers.DecoderExtras(hidden_states=hidden, attentions=attn,
-                                                cross_attentions=cross, logits_hidden=h)
+        extras = layers.DecoderExtras(hidden_states=hidden, attentions=attn,
+                                      cross_attentions=cross, logits_hidden=h)
+        return logits, new_cache, extras
 
     def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None,
                  decoder_attention_mask=None):
