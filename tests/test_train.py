@@ -45,7 +45,15 @@ def tiny(layers=2, seed=0, d=16, **kw):
     return models.create_model(cfg, nnx.Rngs(seed))
 
 
-def rand_batch(seed, b=8, s=6, t=5):
+@pytest.fixture(scope="module")
+def plain():
+    """(student, cfg, step) shared by the guard and loop tests: one compilation."""
+    student = tiny(1, 1)
+    cfg = tcfg(steps=50)
+    return student, cfg, T.make_train_step(student, cfg)
+
+
+def rand_batch(seed, b=8, s=8, t=8):
     rng = np.random.default_rng(seed)
     src = rng.integers(3, V, (b, s)).astype(np.int32)
     lab = rng.integers(3, V, (b, t)).astype(np.int32)
@@ -198,10 +206,8 @@ def test_grad_accum_equals_one_big_batch():
 # ---------------------------------------------------------------------------- guards
 
 
-def test_nan_guard_skips_and_counts():
-    student = tiny(1, 1)
-    cfg = tcfg()
-    step = T.make_train_step(student, cfg)
+def test_nan_guard_skips_and_counts(plain):
+    student, cfg, step = plain
     state = T.init_train_state(params_of(student), cfg)
     good = jax.tree.map(np.asarray, state)
     leaves, tdef = jax.tree.flatten(state.params)
@@ -220,14 +226,13 @@ def test_nan_guard_skips_and_counts():
     assert float(m["nan_skipped"][0]) == 0.0 and int(s3.nan_skips) == 1 and int(s3.nan_streak) == 0
 
 
-def test_loop_stops_after_max_nan_steps(tmp_path):
-    student = tiny(1, 1)
-    cfg = tcfg(steps=10, max_nan_steps=2)
+def test_loop_stops_after_max_nan_steps(tmp_path, plain):
+    student, cfg, step = plain
     state = T.init_train_state(params_of(student), cfg)
     leaves, tdef = jax.tree.flatten(state.params)
     leaves[0] = jnp.full_like(leaves[0], jnp.inf)
     state = state.replace(params=jax.tree.unflatten(tdef, leaves))
-    step = T.make_train_step(student, cfg)
+    cfg = tcfg(steps=10, max_nan_steps=2)
     with pytest.raises(T.NonFiniteLoss, match=r"2 consecutive steps.*max_nan_steps=2"):
         T.train(step, state, cfg, workdir=str(tmp_path), batches=lambda s: (rand_batch(i) for i in range(s, 99)),
                 progress=False)
@@ -244,7 +249,7 @@ def test_make_optimizer_and_schedules():
         T.make_schedule({"learning_rate": 1.0, "schedule": "step"}, 10)
     with pytest.raises(ValueError, match=r"optimizer.name.*allowed values"):
         T.make_optimizer(tcfg(**{"optimizer.name": "sgd"}))
-    student = tiny(1, 1)
+    student = tiny(1, 4)
     mask = T.decay_mask(params_of(student))
     flat = {"/".join(T.path_names(p)): v for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
     assert not any(v for k, v in flat.items() if "norm" in k) and any(flat.values())
@@ -300,9 +305,8 @@ def test_resume_after_crash_reproduces_losses_exactly(tmp_path):
     assert os.listdir(tmp_path / "b" / "tb")  # TensorBoard events were written
 
 
-def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
-    student = tiny(1, 1)
-    cfg = tcfg(steps=50, checkpoint_every=0)
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, plain):
+    student, cfg, step = plain
     ex = _examples()
     inner = _batches_fn(ex, cfg)
 
@@ -312,7 +316,6 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
                 os.kill(os.getpid(), signal.SIGTERM)  # preemption notice during step 5
             yield b
 
-    step = T.make_train_step(student, cfg)
     res = T.train(step, T.init_train_state(params_of(student), cfg), cfg, workdir=str(tmp_path),
                   batches=batches, progress=False)
     assert res.preempted and len(res.losses) == 5
