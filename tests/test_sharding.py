@@ -102,3 +102,27 @@ def test_sharded_load_and_forward_equal_single_device(ckpt, mesh_name):
     np.testing.assert_allclose(step[:, 0], ref[:, 0], rtol=1e-4, atol=1e-4)
     assert out.sharding.spec[0] in ("data", ("data", "fsdp"))  # batch stays split over data
     assert cache["layers"][0]["self"]["k"].sharding.spec[0] in ("data", ("data", "fsdp"))
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_NAMES = ["batch", "length", "embed", "heads", "kv", "mlp", "vocab", "layers", "rel_pos", None]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_NAMES), st.integers(1, 24)), min_size=1, max_size=4),
+       st.sampled_from(list(MESHES)))
+def test_resolved_specs_are_always_valid(dims, mesh_name):
+    """Any logical axes + shape resolve to a spec that uses each mesh axis at most once and
+    only where it divides the dimension (so NamedSharding never rejects it)."""
+    mesh = S.make_mesh(MESHES[mesh_name])
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    axes, shape = zip(*dims)
+    spec = S.logical_to_spec(axes, mesh, shape=shape)
+    used = []
+    for d, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        entry = () if entry is None else ((entry,) if isinstance(entry, str) else entry)
+        assert d % int(np.prod([sizes[a] for a in entry])) == 0
+        used += list(entry)
+    assert len(used) == len(set(used))
+    jax.sharding.NamedSharding(mesh, spec).shard_shape(shape)  # accepted by JAX
