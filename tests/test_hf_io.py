@@ -4,7 +4,6 @@ name the tensor; sharded safetensors index; generation config; tokenizers."""
 import json
 import logging
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from kd_flax import sharding as _sharding
 
@@ -346,8 +346,6 @@ def apply_layers(layers, fn: Callable, carry, xs, *, scan: bool, remat=False):
 
 
 # ----------------------------------------------------------------------------- outputs
-
-from flax import struct  # noqa: E402
 
 
 @struct.dataclass
