@@ -77,20 +77,31 @@ def assert_trees_close(a, b, **tol):
 # ---------------------------------------------------------------------------- loss composition
 
 
-def test_step_loss_matches_losses_library():
-    """The step's loss is Σ w·sum/count of the losses-library terms, on the teacher's logits."""
+@pytest.mark.parametrize("mode", ["kl", "fused", "topk_cached"])
+def test_step_loss_matches_losses_library(mode):
+    """The step's loss is Σ w·sum/count of the losses-library terms on the teacher's logits
+    (online KL, the fused chunked KL, and KD against cached top-k teacher log-probs)."""
     teacher, student = tiny(2, 0), tiny(1, 1)
-    cfg = tcfg(**{"loss.kd_weight": 0.5, "loss.temperature": 2.0, "loss.label_smoothing": 0.1})
-    step = T.make_train_step(student, cfg, teacher=teacher)
-    state = T.init_train_state(params_of(student), cfg)
+    kw = {"loss.kd_weight": 0.5, "loss.temperature": 2.0, "loss.label_smoothing": 0.1,
+          "loss.fused": mode == "fused", "loss.kd_type": "topk" if mode == "topk_cached" else "kl"}
+    cfg = tcfg(**kw)
     b = rand_batch(0)
-    _, m = step(state, b, params_of(teacher))
-    sl = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"], decoder_input_ids=b["decoder_input_ids"])
-    tl = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"], decoder_input_ids=b["decoder_input_ids"])
+    fwd = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], decoder_input_ids=b["decoder_input_ids"])
+    sl, tl = student(**fwd), teacher(**fwd)
     ce = losses.mean(losses.cross_entropy(sl, b["labels"], b["loss_mask"], label_smoothing=0.1))
-    kd = losses.mean(losses.kd_kl(sl, tl, b["loss_mask"], temperature=2.0))
+    if mode == "topk_cached":
+        lp, ids = jax.lax.top_k(jax.nn.log_softmax(tl), 5)
+        b = dict(b, teacher_topk_logprobs=np.asarray(lp), teacher_topk_ids=np.asarray(ids))
+        kd = losses.mean(losses.topk_kd(sl, lp, ids, b["loss_mask"], temperature=2.0))
+        step = T.make_train_step(student, cfg)  # no online teacher needed
+        _, m = step(T.init_train_state(params_of(student), cfg), b)
+    else:
+        kd = losses.mean(losses.kd_kl(sl, tl, b["loss_mask"], temperature=2.0))
+        step = T.make_train_step(student, cfg, teacher=teacher)
+        _, m = step(T.init_train_state(params_of(student), cfg), b, params_of(teacher))
     np.testing.assert_allclose(float(m["loss"][0]), float(ce + 0.5 * kd), rtol=1e-5)
     np.testing.assert_allclose(float(m["ce"][1]), b["loss_mask"].sum())
+    np.testing.assert_allclose(float(losses.mean(m["kd"])), float(kd), rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------- learning
