@@ -56,6 +56,12 @@ def _is_traced(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+def _readable(x) -> bool:
+    """True when ``x``'s values can be read here: not traced, and (for a global array
+    spread over several hosts) fully addressable from this process."""
+    return not _is_traced(x) and getattr(x, "is_fully_addressable", True)
+
+
 def _scalar_value(x, name: str):
     """Python float of a scalar hyper-parameter, or None when it is traced (unchecked)."""
     if _is_traced(x):
@@ -113,7 +119,7 @@ def _check_labels(labels, shape, vocab: int, name: str = "labels"):
             f"{name} has shape {labels.shape} but must have shape {tuple(shape)} "
             "(the logits' shape without the vocab axis)"
         )
-    if not _is_traced(labels) and labels.size:
+    if _readable(labels) and labels.size:
         top = int(np.asarray(labels).max())
         if top >= vocab:
             raise ValueError(
@@ -348,7 +354,7 @@ def topk_kd(student_logits, teacher_topk_logprobs, teacher_topk_ids, mask=None, 
     _check_temperature(temperature)
     w = _weights(mask, s.shape[:-1], "mask", "the logits' shape without the vocab axis")
     out_of_range = (ids < 0) | (ids >= vocab)
-    if not (_is_traced(ids) or _is_traced(lp) or _is_traced(w)) and ids.size:
+    if _readable(ids) and _readable(lp) and _readable(w) and ids.size:
         bad = np.asarray(out_of_range & (lp > _NEG_INF) & (w != 0)[..., None])
         if bad.any():
             found = np.asarray(ids)[bad]
