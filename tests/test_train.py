@@ -369,3 +369,18 @@ def test_w8a8_fake_quant_training():
          if T.path_names(pth)[-1] == "kernel"][0]
     kq = quant.quantize_params({"a": {"kernel": k}}, [quant.QuantRule(".*kernel", 8)])["a"]["kernel"]
     assert np.abs(np.asarray(k) - np.asarray(kq)).max() > 0
+
+
+def test_bfloat16_compute_step():
+    """dtype=bfloat16 (compute) keeps float32 params and a float32 loss close to the fp32 one."""
+    fp = tiny(1, 2)
+    bf = models.create_model(fp.config.replace(dtype="bfloat16"), nnx.Rngs(2))
+    cfg = tcfg()
+    b = rand_batch(3)
+    out = {}
+    for name, m in (("fp32", fp), ("bf16", bf)):
+        state, met = T.make_train_step(m, cfg)(T.init_train_state(params_of(m), cfg), b)
+        out[name] = float(met["loss"][0])
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    assert np.isfinite(out["bf16"]) and out["bf16"] != out["fp32"]
+    np.testing.assert_allclose(out["bf16"], out["fp32"], rtol=3e-2)
