@@ -639,8 +639,14 @@ def _generate_impl(graphdef, state, input_ids, attention_mask, seed, *, settings
         start = jnp.repeat(start, rows)
 
     def tokens_to_logits(tokens, cache):
-        logits, cache = model.decode(tokens, enc_rows, mask_rows, cache=cache)
-        return logits[:, -1], _constrain_batch(cache, mesh, batch_spec)
+        logits, new_cache = model.decode(tokens, enc_rows, mask_rows, cache=cache)
+        # Constrain only the leaves the step rewrote: untouched ones (cross-attention K/V) keep
+        # their identity, which tells beam_search that it need not reorder them.
+        old_leaves = jax.tree.leaves(cache)
+        new_leaves, treedef = jax.tree.flatten(new_cache)
+        new_leaves = [n if n is o else _constrain_batch(n, mesh, batch_spec)
+                      for n, o in zip(new_leaves, old_leaves)]
+        return logits[:, -1], jax.tree.unflatten(treedef, new_leaves)
 
     if st.num_beams > 1:
         out = beam_search(tokens_to_logits, start, cache, num_beams=st.num_beams,
