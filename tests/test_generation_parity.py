@@ -165,14 +165,16 @@ def test_sharded_generation_equals_single_device(t5):
     kw = dict(max_new_tokens=MAX_NEW, num_beams=4, num_return_sequences=2, early_stopping=True)
     single = decoding.generate(model, batch["input_ids"], batch["attention_mask"], **kw)
     mesh = sharding.make_mesh({"data": 4, "model": 2})
-    fn = decoding.make_generate_fn(model, mesh, sharding.DEFAULT_RULES, **kw)
-    out = fn(batch["input_ids"], batch["attention_mask"])
+    # generate(mesh=...) builds (and caches) decoding.make_generate_fn(model, mesh, rules, **kw)
+    out = decoding.generate(model, batch["input_ids"], batch["attention_mask"], mesh=mesh,
+                            rules=sharding.DEFAULT_RULES, **kw)
     np.testing.assert_array_equal(np.asarray(out.sequences), np.asarray(single.sequences))
     np.testing.assert_allclose(np.asarray(out.scores), np.asarray(single.scores), rtol=1e-5, atol=1e-6)
     assert out.sequences.sharding.spec[0] == "data"
     assert len(out.sequences.sharding.device_set) == 8
     with pytest.raises(ValueError, match="divisible"):
-        fn(batch["input_ids"][:2], batch["attention_mask"][:2])
+        decoding.generate(model, batch["input_ids"][:2], batch["attention_mask"][:2], mesh=mesh,
+                          rules=sharding.DEFAULT_RULES, **kw)
 
 
 def test_bart_greedy_and_beam_match_transformers(bart):
