@@ -26,16 +26,20 @@ def get_config(arg=None):
     c.data.dev = "synthetic:dev:100" if tiny else "synthetic:dev:300"
     c.data.test = [f"synthetic:test{k}:{60 if tiny else 300}" for k in range(5)]
     c.data.src_lang, c.data.tgt_lang = "src", "tgt"
-    c.data.max_source_length = 32
-    c.data.max_target_length = 32
-    c.data.bucket_boundaries = (32,)
+    # BPE learns every pseudo-word as one token: sentences are 3-8 words + EOS ≤ 9 tokens,
+    # one bucket of 12, so each model compiles once.
+    c.data.max_source_length = 12
+    c.data.max_target_length = 12
+    c.data.bucket_boundaries = (12,)
 
     c.teacher.init = "scratch"
-    c.teacher.model = dict(model_type="t5", d_model=32 if tiny else 128, d_ff=64 if tiny else 512,
-                           num_layers=2 if tiny else 3, num_decoder_layers=2 if tiny else 3,
-                           num_heads=4, d_kv=8 if tiny else 32, feed_forward_proj="relu",
+    c.teacher.tokenizer_vocab_size = 1000
+    c.teacher.tokenizer_kind = "bpe"
+    c.teacher.model = dict(model_type="t5", d_model=32 if tiny else 64, d_ff=64 if tiny else 256,
+                           num_layers=2, num_decoder_layers=2,
+                           num_heads=4, d_kv=8 if tiny else 16, feed_forward_proj="relu",
                            tie_word_embeddings=True, vocab_size=0)  # 0 = the tokenizer's size
-    c.finetune.steps = 60 if tiny else 1500
+    c.finetune.steps = 60 if tiny else 2000
     c.finetune.batch_size = 32 if tiny else 64
     c.finetune.optimizer.learning_rate = 3e-3
     c.finetune.optimizer.warmup_steps = 10 if tiny else 100
@@ -43,16 +47,16 @@ def get_config(arg=None):
     c.finetune.checkpoint_every = 30 if tiny else 500
     c.finetune.keep_best_by = "loss"
 
-    c.generate.max_new_tokens = 32
+    c.generate.max_new_tokens = 12
     c.generate.batch_size = 128 if tiny else 256
     c.generate.shard_size = 500 if tiny else 5000
 
     c.student.init = "scratch"
-    c.student.model = dict(model_type="t5", d_model=16 if tiny else 64, d_ff=32 if tiny else 256,
-                           num_layers=1 if tiny else 2, num_decoder_layers=1 if tiny else 2,
-                           num_heads=2 if tiny else 4, d_kv=8 if tiny else 16,
+    c.student.model = dict(model_type="t5", d_model=16 if tiny else 32, d_ff=32 if tiny else 128,
+                           num_layers=1, num_decoder_layers=1,
+                           num_heads=2, d_kv=8 if tiny else 16,
                            feed_forward_proj="relu", tie_word_embeddings=True, vocab_size=0)
-    steps = 40 if tiny else 1200
+    steps = 40 if tiny else 3000
     c.distill.steps = steps
     c.distill.batch_size = 32 if tiny else 64
     c.distill.optimizer.learning_rate = 3e-3
@@ -64,7 +68,7 @@ def get_config(arg=None):
 
     c.evaluate.splits = ["test0", "test1", "test2", "test3", "test4"]
     c.evaluate.num_beams = 1
-    c.evaluate.max_new_tokens = 32
+    c.evaluate.max_new_tokens = 12
     c.evaluate.batch_size = 64 if tiny else 300
 
     gold_steps = max(steps // 3, 1)

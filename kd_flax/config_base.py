@@ -119,6 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
             "model": {},
             "tokenizer": "",
             "tokenizer_vocab_size": 1000,
+            "tokenizer_kind": "unigram",
             "dtype": "float32",
         },
         "finetune": train_block(steps=0),
@@ -210,6 +211,7 @@ FREE_FORM = ("teacher.model", "student.model", "variants", "mesh.axes")
 CHOICES = {
     "teacher.init": ("pretrained", "scratch"),
     "teacher.dtype": ("float32", "bfloat16"),
+    "teacher.tokenizer_kind": ("unigram", "bpe"),
     "student.init": ("layer_copy", "scratch", "pretrained"),
     "student.quant.weight_bits": (0, 2, 4, 8),
     "student.quant.act_bits": (0, 8),
@@ -366,6 +368,11 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
                 or not isinstance(st.get("quant", True), bool):
             problems.append(f"distill.stages[{i}]: targets must be 'pseudo' or 'gold', steps an int ≥ 0 and "
                             f"quant a bool, got {st!r}")
+    for blk in ("finetune", "distill"):
+        loss = cfg[blk]["loss"]
+        if loss["fused"] and loss["kd_weight"] > 0 and loss["kd_type"] != "kl":
+            problems.append(f"{blk}.loss.fused: the fused (chunked) KD loss computes forward KL only; "
+                            f"set {blk}.loss.kd_type='kl' or fused=False (got kd_type={loss['kd_type']!r})")
     for name, ov in cfg["variants"].items():
         if not isinstance(ov, dict):
             problems.append(f"variants.{name}: expected a dict of dotted-key overrides, got {ov!r}")

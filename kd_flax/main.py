@@ -203,7 +203,11 @@ def prepare(config, workdir: str, *, is_writer: bool = True) -> None:
                     texts.append(ex.src)
                     if ex.ref:
                         texts.append(ex.ref)
-                train_tokenizer(texts, config.teacher.tokenizer_vocab_size, path=tok_dir)
+                family = config.teacher.model.get("model_type", "t5")
+                # BART/mBART ids: <s>=0 <pad>=1 </s>=2; T5 and Marian: <pad>=0 </s>=1.
+                style = "bart" if family in ("bart", "mbart") else "t5"
+                train_tokenizer(texts, config.teacher.tokenizer_vocab_size, path=tok_dir,
+                                kind=config.teacher.tokenizer_kind, style=style)
             config.teacher.tokenizer = tok_dir
     _sync("prepare-done")
 
@@ -285,6 +289,9 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: expected one STAGE, got {argv[1:]}\n{usage}")
     if _CONFIG.value is None or not _WORKDIR.value:
         sys.exit(f"error: --config and --workdir are required\n{usage}")
+    if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv):
+        # Orbax and XLA log every checkpoint step at INFO; keep the console for progress bars.
+        logging.set_verbosity(logging.WARNING)
     _maybe_init_distributed()
     try:
         results = run(argv[1], _CONFIG.value, _WORKDIR.value, force=_FORCE.value, variants=_VARIANTS.value)
