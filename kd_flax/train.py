@@ -399,8 +399,11 @@ class TrainStep:
     def __call__(self, state, batch, teacher_params=None):
         if self._jitted is None:
             self._build(state, teacher_params)
-        batch = {k: jnp.asarray(v) if self._batch_sh is None else jax.device_put(v, self._batch_sh)
-                 for k, v in batch.items()}
+        if self._batch_sh is None:
+            batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        else:  # each process holds its rows of the global batch (data.batches slices per host)
+            batch = {k: jax.make_array_from_process_local_data(self._batch_sh, np.asarray(v))
+                     for k, v in batch.items()}
         if self.mesh is None:
             return self._jitted(state, batch, teacher_params)
         with jax.set_mesh(self.mesh):
