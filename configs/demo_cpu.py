@@ -56,7 +56,7 @@ def get_config(arg=None):
                            num_layers=1, num_decoder_layers=1,
                            num_heads=2, d_kv=8 if tiny else 16,
                            feed_forward_proj="relu", tie_word_embeddings=True, vocab_size=0)
-    steps = 40 if tiny else 3000
+    steps = 40 if tiny else 1500
     c.distill.steps = steps
     c.distill.batch_size = 32 if tiny else 64
     c.distill.optimizer.learning_rate = 3e-3

@@ -80,10 +80,20 @@ def _write_json(path: str, obj: dict) -> None:
     io_utils.atomic_write_json(path, json.loads(json.dumps(obj, default=str)))
 
 
+def _portable(cfg: dict, root: str) -> dict:
+    """The config with the workdir written as $WORKDIR, so files that `prepare` put inside the
+    workdir (synthetic data, a trained tokenizer) do not make the hash depend on where it is."""
+    root = root if io_utils.is_remote(root) else os.path.abspath(root)
+    return json.loads(json.dumps(cfg, default=str).replace(json.dumps(root)[1:-1], "$WORKDIR"))
+
+
 def run_stage(stage: str, fn: Callable[[Any, str], Any], config, workdir: str,
-              hashes: dict[str, str], *, force: bool = False, is_writer: bool = True) -> str:
-    """Run one stage with skip / refuse / resume bookkeeping; returns its config hash."""
-    rec = stage_record(stage, config.to_dict(), hashes)
+              hashes: dict[str, str], *, force: bool = False, is_writer: bool = True,
+              root: str | None = None) -> str:
+    """Run one stage with skip / refuse / resume bookkeeping; returns its config hash.
+
+    `root` is the top workdir (variants run in subdirectories of it)."""
+    rec = stage_record(stage, _portable(config.to_dict(), root or workdir), hashes)
     path = os.path.join(workdir, stage, "stage.json")
     old = _read_json(path)
     if old is not None and old.get("config_hash") != rec["config_hash"]:
@@ -182,6 +192,8 @@ def prepare(config, workdir: str, *, is_writer: bool = True) -> None:
     updated in place to point at the files (under WORKDIR/data and WORKDIR/tokenizer).
     """
     from kd_flax import synthetic
+    if not io_utils.is_remote(workdir):
+        workdir = os.path.abspath(workdir)  # `_portable` recognises these paths in stage hashes
     data_dir = os.path.join(workdir, "data")
     with config.unlocked():
         for key in ("train", "dev"):
@@ -261,7 +273,8 @@ def run(stage: str, config, workdir: str, *, force: bool = False, variants: list
                     vhashes[s] = old["config_hash"]
             for s in student_stages:
                 key = f"{name}/{s}" if name else s
-                results[key] = run_stage(s, _stage_fn(s), vcfg, vdir, vhashes, force=force, is_writer=is_writer)
+                results[key] = run_stage(s, _stage_fn(s), vcfg, vdir, vhashes, force=force,
+                                         is_writer=is_writer, root=workdir)
     if stage == "pipeline" and is_writer:
         from kd_flax import report
         report.write_report(config, workdir)

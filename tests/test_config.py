@@ -164,3 +164,20 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     assert r.returncode != 0
     assert "distill.loss.temperature: -1.0 out of range; allowed: (0, ∞]" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_moved_workdir_keeps_stage_hashes(tmp_path):
+    """Files `prepare` writes inside the workdir don't tie stage hashes to its location."""
+    import shutil
+    calls = []
+    fake = lambda config, workdir: calls.append(workdir)  # noqa: E731
+    c = load_recipe("demo_cpu", "tiny")
+    a, b = tmp_path / "a", tmp_path / "b"
+    with c.unlocked():
+        c.data.train = str(a / "data" / "train.jsonl")
+    main.run_stage("generate", fake, c, str(a), {})
+    shutil.copytree(a, b)
+    with c.unlocked():
+        c.data.train = str(b / "data" / "train.jsonl")
+    main.run_stage("generate", fake, c, str(b), {})
+    assert calls == [str(a)]  # the copy at b was recognised as done
