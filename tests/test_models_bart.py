@@ -182,9 +182,9 @@ def test_scan_and_remat_match_unscanned():
     assert g.shape[0] == cfg.encoder_layers
     assert float(jnp.abs(g[0]).sum()) > 0 and float(jnp.abs(g[1]).sum()) > 0
 
-    # cached decoding in scanned mode: leaves stay batch-first ([B, L, ...])
+    # cached decoding in scanned mode: leaves stay batch-first, heads-major ([B, layers, H, L, Dh])
     inc, cache = _incremental(model, b, 6)
-    assert cache["layers"]["self"]["k"].shape[:3] == (3, cfg.decoder_layers, 6)
+    assert cache["layers"]["self"]["k"].shape[:4] == (3, cfg.decoder_layers, cfg.decoder_attention_heads, 6)
     assert rel_err(inc, want, b["decoder_attention_mask"]) < TOL
 
 

@@ -122,7 +122,7 @@ def test_scan_layers_and_remat_match_unscanned(checkpoints):
     np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-5)
     inc0, _ = _incremental(base, b, 3)
     inc1, cache1 = _incremental(scanned, b, 3)
-    assert cache1["layers"]["self"]["k"].shape[:2] == (3, 2)  # [B, layers, L, H, Dh]
+    assert cache1["layers"]["self"]["k"].shape[:2] == (3, 2)  # [B, layers, H, L, Dh]
     np.testing.assert_allclose(inc1, inc0, rtol=1e-5, atol=1e-5)
     assert rel_err(inc0, l0[:, :3], b["decoder_attention_mask"][:, :3]) < 1e-4
 

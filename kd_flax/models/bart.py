@@ -288,7 +288,7 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, enc, self_mask, cross_mask, cache=None, index=None,
                  output_attentions=False):
-        """`cache`: this layer's `{"self": {k, v} [B, L, H, Dh], "cross": {k, v}}` or None
+        """`cache`: this layer's `{"self": {k, v} [B, H, L, Dh], "cross": {k, v}}` or None
         (then cross K/V are projected from `enc`). Returns (x, new cache, probs, cross probs)."""
         h = self.self_attn_layer_norm(x) if self.pre_ln else x
         h, new_self, probs = self.self_attn(
@@ -380,7 +380,7 @@ def _per_layer(ys, n, scan):
 # ---------------------------------------------------------------------------
 
 
-class BartModel(nnx.Module):
+class BartModel(layers.GenerationConfigMixin, nnx.Module):
     """BART / mBART / Marian encoder-decoder with LM head (HF `*ForConditionalGeneration`).
 
     Interface shared with `T5Model` (see docs/CONTRACTS.md): `encode`, `init_cache`,
@@ -406,17 +406,8 @@ class BartModel(nnx.Module):
         self.final_logits_bias = layers.param(rngs.params(), jax.nn.initializers.zeros,
                                               (c.target_vocab_size,), jnp.dtype(c.param_dtype),
                                               ("vocab",))
-        # Stored as JSON text: static NNX attributes must be hashable.
-        self.generation_config_json: str = json.dumps(generation_defaults(c), sort_keys=True)
-
-    @property
-    def generation_config(self) -> dict:
-        """HF generation defaults (`generation_config.json` of a loaded checkpoint)."""
-        return json.loads(self.generation_config_json)
-
-    @generation_config.setter
-    def generation_config(self, value: dict):
-        self.generation_config_json = json.dumps(dict(value), sort_keys=True)
+        # Stored as JSON text (layers.GenerationConfigMixin): static NNX attributes must be hashable.
+        self.generation_config = generation_defaults(c)
 
     # -- embeddings / head --
     def _encoder_embed(self) -> layers.Embed:
@@ -477,9 +468,9 @@ class BartModel(nnx.Module):
 
     # -- decoder --
     def init_cache(self, batch_size: int, max_length: int, encoder_out, attention_mask=None):
-        """Decoding cache: self-attention K/V [B, max_length, H, Dh] per layer (zeros) and
+        """Decoding cache: self-attention K/V [B, H, max_length, Dh] per layer (zeros) and
         the cross-attention K/V of `encoder_out`, computed once. Leaves are batch-first;
-        with `scan_layers` they are stacked on axis 1 ([B, L, ...])."""
+        with `scan_layers` they are stacked on axis 1 ([B, layers, H, L, Dh])."""
         del attention_mask  # the encoder mask is passed to every `decode` call instead
         c = self.config
         self._check_length(max_length, "init_cache max_length")
@@ -528,7 +519,7 @@ class BartModel(nnx.Module):
             index = cache["index"]
             cache_layers = cache["layers"]
             self_k = cache_layers["self"]["k"] if c.scan_layers else cache_layers[0]["self"]["k"]
-            max_len = self_k.shape[2 if c.scan_layers else 1]
+            max_len = self_k.shape[3 if c.scan_layers else 2]  # [B, (layers,) H, L, Dh]
             positions = index + jnp.arange(t)
             self_mask = layers.causal_mask(positions, max_len)
         if decoder_attention_mask is not None:

@@ -6,11 +6,13 @@ axes. We deliberately do not use Flax's ``out_sharding`` metadata: Flax would th
 shard eagerly with the *logical* names as if they were mesh axes.
 
 Attention keeps its KV cache as an explicit pytree passed in and returned, so decoding
-loops can be written functionally (beam search reorders the cache on axis 0).
+loops can be written functionally (beam search reorders the cache on axis 0). Cache leaves
+are heads-major ``[B, H, L, Dh]`` so the per-step attention dots need no transposes.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Callable, Sequence
 
@@ -177,6 +179,9 @@ def relative_position_bucket(relative_position: Array, *, bidirectional: bool, n
 
 NEG_INF = float(np.finfo(np.float32).min)
 
+# Logical axes of a K/V cache leaf [B, H, L, Dh]: heads-major, batch first (the cache contract).
+KV_CACHE_AXES = ("cache_batch", "heads", "length", "kv")
+
 
 class MultiHeadAttention(nnx.Module):
     """Multi-head attention with q/k/v/out projections ``q_proj, k_proj, v_proj, out_proj``.
@@ -202,12 +207,14 @@ class MultiHeadAttention(nnx.Module):
         self.dtype = dtype
 
     def _split(self, x: Array) -> Array:
-        return x.reshape(x.shape[:-1] + (self.num_heads, self.head_dim))
+        """[B, T, H*Dh] -> heads-major [B, H, T, Dh]."""
+        x = x.reshape(x.shape[:-1] + (self.num_heads, self.head_dim))
+        return jnp.swapaxes(x, 1, 2)
 
     def project_kv(self, x: Array) -> dict:
-        """Keys/values ``{'k','v'}`` [B, S, H, Dh] of ``x`` (cross-attention cache)."""
-        k = _sharding.constrain(self._split(self.k_proj(x)), ("cache_batch", "length", "heads", "kv"))
-        v = _sharding.constrain(self._split(self.v_proj(x)), ("cache_batch", "length", "heads", "kv"))
+        """Keys/values ``{'k','v'}`` [B, H, S, Dh] of ``x`` (cross-attention cache)."""
+        k = _sharding.constrain(self._split(self.k_proj(x)), KV_CACHE_AXES)
+        v = _sharding.constrain(self._split(self.v_proj(x)), KV_CACHE_AXES)
         return {"k": k, "v": v}
 
     def __call__(self, x: Array, kv_input: Array | None = None, *, kv: dict | None = None,
@@ -215,13 +222,17 @@ class MultiHeadAttention(nnx.Module):
                  cache_index: Array | None = None, output_attentions: bool = False):
         """Attend from ``x`` [B, T, D].
 
-        Keys/values come from ``kv`` (precomputed ``{'k','v'}``), else from ``kv_input``
-        (cross-attention), else from ``x`` (self-attention). With ``cache`` (self-attention
-        cache ``{'k','v'}`` [B, L, H, Dh]) the new keys/values are written at
+        Keys/values come from ``kv`` (precomputed ``{'k','v'}`` [B, H, S, Dh]), else from
+        ``kv_input`` (cross-attention), else from ``x`` (self-attention). With ``cache``
+        (self-attention cache ``{'k','v'}`` [B, H, L, Dh]) the new keys/values are written at
         ``cache_index`` and the query attends over the whole cache.
         ``mask``: bool, broadcastable to [B, H, T, S], True = may attend.
         ``bias``: additive float, broadcastable to [B, H, T, S] (T5 position bias).
         Returns ``(out [B, T, D], new_cache or None, weights [B, H, T, S] float32 or None)``.
+
+        Everything is heads-major ([B, H, ., Dh]) so both attention dots have their batch
+        dimensions (B, H) leading in every operand: XLA then runs them on the cache as stored.
+        With a [B, L, H, Dh] cache it transposed every cached K/V on every decoding step.
         """
         q = self._split(self.q_proj(x))
         if kv is None:
@@ -230,10 +241,10 @@ class MultiHeadAttention(nnx.Module):
         new_cache = None
         if cache is not None:
             idx = jnp.asarray(cache_index, jnp.int32)
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, idx, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, idx, 0, 0))
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, idx, 0))
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, idx, 0))
             new_cache = {"k": k, "v": v}
-        scores = jnp.einsum("bthd,bshd->bhts", q.astype(self.dtype), k.astype(self.dtype),
+        scores = jnp.einsum("bhtd,bhsd->bhts", q.astype(self.dtype), k.astype(self.dtype),
                             preferred_element_type=jnp.float32)
         if self.qk_scale != 1.0:
             scores = scores * self.qk_scale
@@ -242,18 +253,23 @@ class MultiHeadAttention(nnx.Module):
         if mask is not None:
             scores = jnp.where(mask, scores, NEG_INF)
         weights = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("bhts,bshd->bthd", weights.astype(self.dtype), v.astype(self.dtype))
+        out = jnp.einsum("bhts,bhsd->bhtd", weights.astype(self.dtype), v.astype(self.dtype))
+        out = jnp.swapaxes(out, 1, 2)  # [B, T, H, Dh]; free for a single decoding step (T = 1)
         out = out.reshape(out.shape[:2] + (self.num_heads * self.head_dim,))
         out = _sharding.constrain(self.out_proj(out), ("batch", "length", "embed"))
         return out, new_cache, (weights if output_attentions else None)
 
 
 def init_kv_cache(batch_size: int, max_length: int, num_heads: int, head_dim: int, dtype) -> dict:
-    """Empty self-attention cache ``{'k','v'}`` [B, L, H, Dh]."""
-    shape = (batch_size, max_length, num_heads, head_dim)
-    axes = ("cache_batch", "length", "heads", "kv")
-    return {"k": _sharding.constrain(jnp.zeros(shape, dtype), axes),
-            "v": _sharding.constrain(jnp.zeros(shape, dtype), axes)}
+    """Empty self-attention cache ``{'k','v'}`` [B, H, L, Dh] (heads-major, batch first)."""
+    shape = (batch_size, num_heads, max_length, head_dim)
+    return {"k": _sharding.constrain(jnp.zeros(shape, dtype), KV_CACHE_AXES),
+            "v": _sharding.constrain(jnp.zeros(shape, dtype), KV_CACHE_AXES)}
+
+
+def kv_cache_length(kv: dict, *, stacked: bool = False) -> int:
+    """Key length L of a ``{'k','v'}`` cache [B, H, L, Dh] (``stacked``: [B, layers, H, L, Dh])."""
+    return kv["k"].shape[3 if stacked else 2]
 
 
 # ----------------------------------------------------------------------------- masks
@@ -343,6 +359,32 @@ def apply_layers(layers, fn: Callable, carry, xs, *, scan: bool, remat=False):
             carry, y = fn(layer, carry, x)
         ys.append(y)
     return carry, ys
+
+
+# ----------------------------------------------------------------------------- generation config
+
+
+class GenerationConfigMixin:
+    """``model.generation_config`` (a dict of HF generation defaults) stored as sorted JSON text.
+
+    Non-variable attributes of an NNX module are static parts of its graphdef, and jit-cache
+    keys (e.g. :mod:`kd_flax.decoding`'s) need the graphdef to hash; a dict attribute would not.
+    Assign a new dict to change it (``m.generation_config = {**m.generation_config, ...}``);
+    mutating the returned dict in place has no effect.
+    """
+
+    generation_config_json: str = "{}"
+
+    @property
+    def generation_config(self) -> dict:
+        """HF generation defaults (``generation_config.json`` of a loaded checkpoint)."""
+        return json.loads(self.generation_config_json)
+
+    @generation_config.setter
+    def generation_config(self, value: dict | None):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"generation_config must be a dict (or None), got {type(value).__name__}")
+        self.generation_config_json = json.dumps(dict(value or {}), sort_keys=True)
 
 
 # ----------------------------------------------------------------------------- outputs

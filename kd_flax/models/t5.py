@@ -244,7 +244,7 @@ class T5Stack(nnx.Module):
         return jnp.transpose(values, (2, 0, 1))[None].astype(jnp.float32)
 
 
-class T5Model(nnx.Module):
+class T5Model(L.GenerationConfigMixin, nnx.Module):
     """T5 encoder-decoder with LM head (see module doc and docs/CONTRACTS.md)."""
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
@@ -261,7 +261,7 @@ class T5Model(nnx.Module):
                                    act_quant_bits=config.act_quant_bits, rngs=rngs, **c)
         else:
             self.lm_head = None
-        self.generation_config = hf.generation_defaults(config)
+        self.generation_config = hf.generation_defaults(config)  # JSON text: keeps the graphdef hashable
 
     # ---------------------------------------------------------------- encoder
     def encode(self, input_ids, attention_mask=None, *, output_hidden_states: bool = False,
@@ -294,7 +294,8 @@ class T5Model(nnx.Module):
         """Self-attention K/V buffers of ``max_length`` and cross-attention K/V computed once.
 
         ``{'index': int32 scalar, 'layers': per-layer {'self': {'k','v'}, 'cross': {'k','v'}}}``
-        (a list per layer; with ``scan_layers`` one dict whose leaves are [B, n_layers, ...]).
+        with heads-major leaves [B, H, L, Dh] (a list per layer; with ``scan_layers`` one dict
+        whose leaves are [B, n_layers, H, L, Dh]).
         """
         del attention_mask  # the encoder mask is passed to every decode call
         enc = _hidden(encoder_out)
@@ -407,7 +408,7 @@ def _hidden(encoder_out):
 
 def _cache_length(cache, scan: bool) -> int:
     first = cache["layers"] if scan else cache["layers"][0]
-    return first["self"]["k"].shape[2 if scan else 1]
+    return L.kv_cache_length(first["self"], stacked=scan)
 
 
 def _unzip(result, scan: bool):
