@@ -190,6 +190,13 @@ def test_config_validation_and_from_scratch():
         m, jnp.ones((1, 4), jnp.int32), jnp.zeros((1, 2), jnp.int32))
     assert lg.shape == (1, 2, cfg.vocab_size) and lg.dtype == jnp.float32
     assert m.embed_tokens.embedding[...].dtype == jnp.float32  # param_dtype stays float32
+    # generation_config is kept as JSON text, so the graphdef hashes (a jit cache key)
+    gd = nnx.graphdef(m)
+    assert hash(gd) == hash(nnx.graphdef(m)) and m.generation_config["eos_token_id"] == cfg.eos_token_id
+    m.generation_config = {**m.generation_config, "num_beams": 3}
+    assert m.generation_config["num_beams"] == 3 and nnx.graphdef(m) != gd
+    with pytest.raises(ValueError, match="generation_config"):
+        m.generation_config = [("num_beams", 3)]
 
 
 def test_dense_activation_quantization():
