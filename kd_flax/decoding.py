@@ -586,8 +586,10 @@ def _constrain_batch(tree, mesh, batch_spec):
 class _StaticGraph:
     """Hashable handle of an `nnx.GraphDef` for jit's static arguments.
 
-    A GraphDef hashes by structure, unless the module holds an unhashable static attribute (e.g.
-    a `generation_config` dict); then its repr (structure and static values) is the key.
+    A GraphDef hashes by structure and static values; kd_flax models keep every static attribute
+    hashable (`generation_config` is stored as JSON text). Only for a module that holds an
+    unhashable one (e.g. a dict) is its repr the key: still correct, but slower (~30 ms per call
+    for a T5-small-sized graph).
     """
 
     def __init__(self, graphdef):
