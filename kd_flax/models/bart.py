@@ -531,17 +531,18 @@ class BartModel(layers.GenerationConfigMixin, nnx.Module):
                                            output_attentions=output_attentions)
             return out, (lc, h if output_hidden_states else None, probs, cprobs)
 
-        xs = cache_layers
-        if c.scan_layers and xs is not None:
-            xs = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), xs)
-        x, ys = layers.apply_layers(self.decoder.layers, body, x, xs, scan=c.scan_layers,
-                                    remat=c.remat)
+        if c.scan_layers and cache_layers is not None:  # stacked [B, layers, ...], sliced per layer
+            x, ys = layers.apply_layers_stacked_cache(self.decoder.layers, body, x, cache_layers,
+                                                      remat=c.remat)
+        else:
+            x, ys = layers.apply_layers(self.decoder.layers, body, x, cache_layers,
+                                        scan=c.scan_layers, remat=c.remat)
         h = self.decoder.finish(x)
         logits = self._logits(h)
         new_cache = None
         if cache is not None:
             if c.scan_layers:
-                new_layers = jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), ys[0])
+                new_layers = ys[0]
             else:
                 new_layers = [y[0] for y in ys]
             new_cache = {"index": index + t, "layers": new_layers}

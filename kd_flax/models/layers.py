@@ -361,6 +361,37 @@ def apply_layers(layers, fn: Callable, carry, xs, *, scan: bool, remat=False):
     return carry, ys
 
 
+def apply_layers_stacked_cache(layers, fn: Callable, carry, cache, *, remat=False):
+    """One cached decoding step through a *scanned* stack whose cache leaves are batch-first
+    ``[B, n_layers, ...]``: ``fn(layer, carry, layer_cache) -> (carry, (new_layer_cache, *ys))``.
+
+    The stacked cache rides in the scan carry: layer ``i`` reads its slice on axis 1, and only
+    the leaves ``fn`` rewrote (self-attention K/V; untouched ones are recognised by identity)
+    are written back in place. Scanning over the cache as ``xs`` would need the layer axis in
+    front, i.e. two transposes of the whole cache per decoding step.
+    Leaves that no layer rewrote are returned as the very input arrays, so callers can tell
+    them apart by identity (beam search then does not reorder them).
+    Returns ``(carry, (new_cache, *ys))`` with ``ys`` stacked on axis 0 like :func:`apply_layers`.
+    """
+    leaves_in, treedef = jax.tree.flatten(cache)
+    n = leaves_in[0].shape[1]
+    written = [True] * len(leaves_in)  # set while tracing the body
+
+    def body(layer, c, i):
+        h, stacked = c
+        sliced = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 1, keepdims=False), stacked)
+        h, (new, *ys) = fn(layer, h, sliced)
+        new_leaves = treedef.flatten_up_to(new)
+        written[:] = [nw is not old for old, nw in zip(jax.tree.leaves(sliced), new_leaves)]
+        out = [jax.lax.dynamic_update_index_in_dim(s, nw.astype(s.dtype), i, 1) if w else s
+               for s, nw, w in zip(jax.tree.leaves(stacked), new_leaves, written)]
+        return (h, jax.tree.unflatten(treedef, out)), tuple(ys)
+
+    (carry, out), ys = apply_layers(layers, body, (carry, cache), jnp.arange(n), scan=True, remat=remat)
+    out_leaves = [o if w else x for x, o, w in zip(leaves_in, jax.tree.leaves(out), written)]
+    return carry, (jax.tree.unflatten(treedef, out_leaves),) + tuple(ys)
+
+
 # ----------------------------------------------------------------------------- generation config
 
 

@@ -353,11 +353,12 @@ class T5Model(L.GenerationConfigMixin, nnx.Module):
                 cache=layer_cache, cache_index=index, output_attentions=output_attentions)
             return h_out, (new_cache, h if output_hidden_states else None, w_self, w_cross)
 
-        xs = None
-        if cache is not None:
-            xs = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), cache["layers"]) if stack.scan else cache["layers"]
-        h, (new_layers, hs, ws, wc) = _unzip(
-            L.apply_layers(stack.layers, fn, h, xs, scan=stack.scan, remat=stack.remat), stack.scan)
+        if cache is not None and stack.scan:  # stacked cache [B, layers, ...] sliced per layer
+            result = L.apply_layers_stacked_cache(stack.layers, fn, h, cache["layers"], remat=stack.remat)
+        else:
+            result = L.apply_layers(stack.layers, fn, h, None if cache is None else cache["layers"],
+                                    scan=stack.scan, remat=stack.remat)
+        h, (new_layers, hs, ws, wc) = _unzip(result, stack.scan)
         h = stack.final_norm(h)
         hidden_out = h
         if self.config.scale_decoder_outputs:
@@ -365,8 +366,6 @@ class T5Model(L.GenerationConfigMixin, nnx.Module):
         logits = self._logits(h)
         new_cache = None
         if cache is not None:
-            if stack.scan:
-                new_layers = jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), new_layers)
             new_cache = {"index": index + T, "layers": new_layers}
         if not (output_hidden_states or output_attentions):
             return logits, new_cache
