@@ -41,6 +41,8 @@ def get_config(arg=None):
         for blk in (c.finetune, c.distill):
             blk.eval_every, blk.checkpoint_every, blk.keep_best_by = 0, 10, "loss"
             blk.optimizer.warmup_steps = 5
+        c.finetune.checkpoint_every = 0  # tiny runs: checkpoint the student only (resume is tested)
+        c.evaluate.num_beams = 1         # greedy keeps the CPU test short; beam search is tested apart
     else:
         c.data.train = args.get("data", "hf:xsum@train")
         c.data.dev, c.data.test = "hf:xsum@validation", ["hf:xsum@test"]

@@ -32,12 +32,14 @@ def get_config(arg=None):
                                encoder_attention_heads=2, decoder_attention_heads=2,
                                encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=0)
         c.distill.batch_size = 16
-        c.generate.batch_size, c.generate.max_new_tokens = 64, 32
+        c.generate.batch_size, c.generate.max_new_tokens = 64, 16
         c.evaluate.max_new_tokens, c.evaluate.batch_size = 32, 40
         steps, q_steps = 20, 10
         for blk in (c.finetune, c.distill):
             blk.eval_every, blk.checkpoint_every, blk.keep_best_by = 0, 10, "loss"
             blk.optimizer.warmup_steps = 5
+        c.finetune.checkpoint_every = 0  # tiny runs: checkpoint the student only (resume is tested)
+        c.evaluate.num_beams = 1         # greedy keeps the CPU test short; beam search is tested apart
     else:
         c.data.train = args.get("data", "hf:wmt16:ro-en@train")
         c.data.dev, c.data.test = "hf:wmt16:ro-en@validation", ["hf:wmt16:ro-en@test"]
