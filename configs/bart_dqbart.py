@@ -22,27 +22,13 @@ def get_config(arg=None):
     c.name = "bart_dqbart" + ("_tiny" if tiny else "")
     c.mesh = config_base.mesh_config(args.get("mesh", "cpu" if tiny else "gpu_8"))
     if tiny:
-        c.data.train, c.data.dev = "synthetic:train:1000", "synthetic:dev:50"
-        c.data.test = ["synthetic:test0:40", "synthetic:test1:40"]
         c.data.src_lang, c.data.tgt_lang = "src", "tgt"
-        c.data.max_source_length = c.data.max_target_length = 32
-        c.data.bucket_boundaries = (32,)
-        c.teacher.init = "scratch"
         # A 4-layer stand-in for BART-large's 12 (copied 4→2 with map [0, 3]).
-        c.teacher.model = dict(model_type="bart", d_model=32, encoder_layers=4, decoder_layers=4,
-                               encoder_attention_heads=2, decoder_attention_heads=2,
-                               encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=0)
-        c.finetune.steps, c.finetune.batch_size = 30, 16
+        config_base.make_tiny(c, teacher_model=dict(
+            model_type="bart", d_model=32, encoder_layers=4, decoder_layers=4, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64))
         enc, dec, big_map, small = 2, 2, [0, 3], {"enc": 1, "dec": 1, "map": [0]}
-        c.distill.batch_size = 16
-        c.generate.batch_size, c.generate.max_new_tokens = 64, 32
-        c.evaluate.max_new_tokens, c.evaluate.batch_size = 32, 40
         steps = 20
-        for blk in (c.finetune, c.distill):
-            blk.eval_every, blk.checkpoint_every, blk.keep_best_by = 0, 10, "loss"
-            blk.optimizer.warmup_steps = 5
-        c.finetune.checkpoint_every = 0  # tiny runs: checkpoint the student only (resume is tested)
-        c.evaluate.num_beams = 1         # greedy keeps the CPU test short; beam search is tested apart
     else:
         c.data.train = args.get("data", "hf:xsum@train")
         c.data.dev, c.data.test = "hf:xsum@validation", ["hf:xsum@test"]

@@ -19,27 +19,14 @@ def get_config(arg=None):
     c.mesh = config_base.mesh_config(args.get("mesh", "cpu" if tiny else "gpu_1"))
     c.data.src_lang, c.data.tgt_lang = "en", "ro"
     if tiny:
-        c.data.train, c.data.dev = "synthetic:train:600", "synthetic:dev:50"
-        c.data.test = ["synthetic:test0:40", "synthetic:test1:40"]
-        c.data.max_source_length = c.data.max_target_length = 32
-        c.data.bucket_boundaries = (32,)
-        c.teacher.init = "scratch"
-        c.teacher.model = dict(model_type="marian", d_model=32, encoder_layers=2, decoder_layers=2,
-                               encoder_attention_heads=2, decoder_attention_heads=2,
-                               encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=0)
-        c.finetune.steps, c.finetune.batch_size = 30, 16
+        config_base.make_tiny(c, train=600, teacher_model=dict(
+            model_type="marian", d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64))
         c.student.model = dict(model_type="marian", d_model=16, encoder_layers=1, decoder_layers=1,
                                encoder_attention_heads=2, decoder_attention_heads=2,
                                encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=0)
-        c.distill.batch_size = 16
-        c.generate.batch_size, c.generate.max_new_tokens = 64, 16
-        c.evaluate.max_new_tokens, c.evaluate.batch_size = 32, 40
+        c.generate.max_new_tokens = 16  # 4-best beam search for SeqInter: keep it short
         steps, q_steps = 20, 10
-        for blk in (c.finetune, c.distill):
-            blk.eval_every, blk.checkpoint_every, blk.keep_best_by = 0, 10, "loss"
-            blk.optimizer.warmup_steps = 5
-        c.finetune.checkpoint_every = 0  # tiny runs: checkpoint the student only (resume is tested)
-        c.evaluate.num_beams = 1         # greedy keeps the CPU test short; beam search is tested apart
     else:
         c.data.train = args.get("data", "hf:wmt16:ro-en@train")
         c.data.dev, c.data.test = "hf:wmt16:ro-en@validation", ["hf:wmt16:ro-en@test"]

@@ -27,28 +27,13 @@ def get_config(arg=None):
     c.data.source_prefix = "translate English to French: "
 
     if tiny:
-        c.data.train = "synthetic:train:1000"
-        c.data.dev = "synthetic:dev:50"
-        c.data.test = ["synthetic:test0:40", "synthetic:test1:40"]
-        c.data.max_source_length = c.data.max_target_length = 48
-        c.data.bucket_boundaries = (48,)
-        c.teacher.init = "scratch"
-        c.teacher.model = dict(model_type="t5", d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2,
-                               num_heads=2, d_kv=16, feed_forward_proj="gated-gelu",
-                               tie_word_embeddings=False, vocab_size=0)
-        c.finetune.steps, c.finetune.batch_size = 30, 16
+        config_base.make_tiny(c, max_len=48, teacher_model=dict(
+            model_type="t5", d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2, d_kv=16,
+            feed_forward_proj="gated-gelu", tie_word_embeddings=False))
         c.student.model = dict(model_type="t5", d_model=16, d_ff=32, num_layers=1, num_decoder_layers=1,
                                num_heads=2, d_kv=8, feed_forward_proj="gated-gelu",
                                tie_word_embeddings=False, vocab_size=0)
         steps, gold = 20, 10
-        c.distill.batch_size = 16
-        c.generate.batch_size, c.generate.max_new_tokens = 64, 48
-        c.evaluate.max_new_tokens, c.evaluate.batch_size = 48, 40
-        for blk in (c.finetune, c.distill):
-            blk.eval_every, blk.checkpoint_every, blk.keep_best_by = 0, 10, "loss"
-            blk.optimizer.warmup_steps = 5
-        c.finetune.checkpoint_every = 0  # tiny runs: checkpoint the student only (resume is tested)
-        c.evaluate.num_beams = 1         # greedy keeps the CPU test short; beam search is tested apart
     else:
         c.data.train = args.get("data", "hf:wmt14:fr-en@train")
         c.data.dev = "hf:wmt14:fr-en@validation"

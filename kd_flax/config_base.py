@@ -160,6 +160,30 @@ def base_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(c)
 
 
+def make_tiny(c: ml_collections.ConfigDict, *, train: int = 1000, max_len: int = 32,
+              teacher_model: dict) -> None:
+    """The CPU-sized setup every recipe's `tiny` variant shares: synthetic data, a teacher
+    trained from scratch for a few steps, short student runs, greedy evaluation.
+
+    Recipes then set their own student and variants; the tests run these end to end.
+    """
+    c.data.train, c.data.dev = f"synthetic:train:{train}", "synthetic:dev:50"
+    c.data.test = ["synthetic:test0:40", "synthetic:test1:40"]
+    c.data.max_source_length = c.data.max_target_length = max_len
+    c.data.bucket_boundaries = (max_len,)
+    c.teacher.init = "scratch"
+    c.teacher.model = dict(teacher_model, vocab_size=0)  # 0 = the trained tokenizer's size
+    c.finetune.steps, c.finetune.batch_size = 30, 16
+    c.distill.batch_size = 16
+    c.generate.batch_size, c.generate.max_new_tokens = 64, max_len
+    c.evaluate.max_new_tokens, c.evaluate.batch_size = max_len, 40
+    c.evaluate.num_beams = 1  # greedy keeps the CPU tests short; beam search is tested apart
+    for blk in (c.finetune, c.distill):
+        blk.eval_every, blk.checkpoint_every, blk.keep_best_by = 0, 10, "loss"
+        blk.optimizer.warmup_steps = 5
+    c.finetune.checkpoint_every = 0  # checkpoint only the student runs (resume is tested apart)
+
+
 def _deep_update(dst: dict, src: dict) -> dict:
     for k, v in src.items():
         if isinstance(v, dict) and isinstance(dst.get(k), dict):

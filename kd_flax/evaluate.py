@@ -272,14 +272,12 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
 
 
 def bucket_length(n: int, boundaries: Sequence[int]) -> int:
-    """The smallest boundary ≥ n; past the last one, n rounded up to a multiple of the last."""
+    """The smallest boundary ≥ n (boundaries in any order); see `data.bucket_length`."""
+    from kd_flax import data
     bounds = sorted(int(b) for b in boundaries)
     if not bounds or bounds[0] <= 0:
         raise ValueError(f"bucket_boundaries: expected positive lengths, got {tuple(boundaries)}")
-    for b in bounds:
-        if n <= b:
-            return b
-    return -(-n // bounds[-1]) * bounds[-1]
+    return data.bucket_length(n, bounds)
 
 
 def make_batches(lengths: Sequence[int], batch_size: int,
