@@ -26,22 +26,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    """A tiny random T5 teacher with a tokenizer trained on the synthetic task."""
-    from flax import nnx
-
-    from kd_flax import synthetic
-    from kd_flax.models import create_model, save_pretrained, tiny_config, train_tokenizer
-
-    d = tmp_path_factory.mktemp("teacher")
-    examples = synthetic.SyntheticTask().sample(400, split_seed=1)
-    tok = train_tokenizer([e["src"] for e in examples] + [e["ref"] for e in examples], 300, kind="bpe")
-    cfg = tiny_config("t5", vocab_size=len(tok), d_model=32, num_heads=2, d_kv=16, d_ff=64)
-    save_pretrained(create_model(cfg, nnx.Rngs(3)), str(d), tokenizer=tok)
-    return str(d)
-
-
 def _overrides(teacher_dir):
     return [f"--config.teacher.init=pretrained", f"--config.teacher.path={teacher_dir}",
             f"--config.teacher.tokenizer={teacher_dir}", "--config.data.train=synthetic:train:192",
@@ -77,7 +61,8 @@ def _records(workdir):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(tmp_path, teacher_dir):
+def test_two_processes_equal_one(tmp_path, tiny_teacher_dir):
+    teacher_dir = tiny_teacher_dir
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     for stage in ("generate", "distill"):
         _run(stage, one, teacher_dir, processes=1)
