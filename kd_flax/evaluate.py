@@ -156,6 +156,7 @@ class SpeedMeter:
 
     def __init__(self):
         self.batches: list[tuple[int, int, float, bool]] = []
+        self.seen_shapes: set[tuple[int, int]] = set()  # batch shapes `translate` has compiled
 
     def add(self, sentences: int, tokens: int, seconds: float, *, first_call: bool = False) -> None:
         if sentences < 0 or tokens < 0 or seconds < 0:
@@ -361,7 +362,8 @@ def translate(model, tokenizer, sources: Sequence[str], *, batch_size: int, num_
         batch_size = -(-batch_size // shards) * shards
 
     out: list[str | None] = [None] * len(sources)
-    seen_shapes: set[tuple[int, int]] = set()
+    # Shapes already decoded for this meter (one model across splits): warm up each only once.
+    seen_shapes = meter.seen_shapes if meter is not None else set()
     for blen, idx in make_batches(lengths, batch_size, bucket_boundaries):
         ids = np.full((batch_size, blen), pad_id, dtype=np.int32)
         mask = np.zeros((batch_size, blen), dtype=np.int32)
@@ -501,42 +503,22 @@ def model_dirs(config, workdir: str) -> dict[str, str]:
     return out
 
 
-def _param_bytes(model, weight_bits: int = 0, granularity: str = "channel") -> tuple[int, int]:
+def param_bytes(model, weight_bits: int = 0, granularity: str = "channel") -> tuple[int, int]:
     """(#parameters, bytes): float leaves at their dtype; with weight quantization the leaves
     that `kd_flax.quant.default_rules` quantizes count `weight_bits` bits each."""
     from flax import nnx
     import jax
+    from kd_flax import quant
     state = nnx.state(model, nnx.Param)
-    quantized = set()
-    if weight_bits:
-        quantized = _quantized_paths(state, weight_bits, granularity)
+    # Which leaves the rules cover — by path, not by whether values change: weights already
+    # on the quantization grid (a fake-quant-trained student) still ship as integers.
+    quantized = set(quant.matched_paths(state, quant.default_rules(weight_bits, granularity=granularity))) \
+        if weight_bits else set()
     n, size = 0, 0.0
     for path, leaf in jax.tree_util.tree_leaves_with_path(state):
         n += leaf.size
-        p = _path_str(path)
-        size += leaf.size * (weight_bits / 8 if p in quantized else leaf.dtype.itemsize)
+        size += leaf.size * (weight_bits / 8 if quant.path_str(path) in quantized else leaf.dtype.itemsize)
     return int(n), int(math.ceil(size))
-
-
-def _path_str(path) -> str:
-    parts = []
-    for k in path:
-        k = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
-        if k != "value":
-            parts.append(str(k))
-    return "/".join(parts)
-
-
-def _quantized_paths(state, bits: int, granularity: str) -> set[str]:
-    """Parameter paths whose values change under `quant.default_rules(bits)`."""
-    import jax
-    from flax import nnx
-    from kd_flax import quant
-    pure = nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
-    q = quant.quantize_params(pure, quant.default_rules(bits, granularity=granularity))
-    flat_a = dict(jax.tree_util.tree_leaves_with_path(pure))
-    flat_b = dict(jax.tree_util.tree_leaves_with_path(q))
-    return {_path_str(p) for p in flat_a if not np.array_equal(np.asarray(flat_a[p]), np.asarray(flat_b[p]))}
 
 
 def _apply_weight_quant(model, bits: int, granularity: str = "channel") -> None:
@@ -603,7 +585,7 @@ def run(config, workdir: str, *, load_fn: Callable | None = None,
         if bits:
             _apply_weight_quant(model, bits, gran)
         # A stand-in model (tests) has no nnx parameters to count.
-        n_params, n_bytes = _param_bytes(model, bits, gran) if isinstance(model, nnx.Module) else (0, 0)
+        n_params, n_bytes = param_bytes(model, bits, gran) if isinstance(model, nnx.Module) else (0, 0)
         meter = SpeedMeter()
         bleu, chrf, per_split = [], [], {}
         for sname, (sources, refs) in data.items():

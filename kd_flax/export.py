@@ -17,10 +17,9 @@ import json
 import os
 
 import jax
-import numpy as np
 from flax import nnx
 
-from kd_flax import io_utils, quant
+from kd_flax import evaluate, io_utils, quant
 
 
 def quant_rules(config):
@@ -30,15 +29,6 @@ def quant_rules(config):
         return None
     scan = bool(config.student.model.get("scan_layers", False)) if hasattr(config.student.model, "get") else False
     return quant.default_rules(q.weight_bits, granularity=q.granularity, scan_layers=scan)
-
-
-def param_count(state) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state) if hasattr(x, "shape")))
-
-
-def float_nbytes(state) -> int:
-    """Bytes of the parameters stored as float32 (the size an unquantized checkpoint ships)."""
-    return int(sum(np.prod(x.shape) * 4 for x in jax.tree.leaves(state) if hasattr(x, "shape")))
 
 
 def student_model_dir(workdir: str) -> str:
@@ -52,9 +42,10 @@ def run(config, workdir: str) -> dict:
     out = os.path.join(workdir, "export")
     model = load_pretrained(src)
     tokenizer = load_tokenizer(src)
+    n_params, float_bytes = evaluate.param_bytes(model)
     graphdef, state = nnx.split(model)
     rules = quant_rules(config)
-    summary = {"source": src, "params": param_count(state), "float32_bytes": float_nbytes(state),
+    summary = {"source": src, "params": n_params, "float32_bytes": float_bytes,
                "weight_bits": int(config.student.quant.weight_bits),
                "act_bits": int(config.student.quant.act_bits)}
     if "hf" in config.export.formats:
