@@ -34,7 +34,7 @@ def _rows(workdir: str) -> list[dict]:
                 size_mb = summary["int_bytes"] / 2**20
             speed = m.get("speed") or {}
             rows.append({
-                "model": mname if not label else (label if mname == "student" else f"{mname}"),
+                "model": label if label and mname == "student" else mname,
                 "parameters": m.get("parameters", 0),
                 "size (MB)": round(size_mb, 3),
                 "weights": f"int{bits}" if bits else "fp32",
@@ -43,14 +43,7 @@ def _rows(workdir: str) -> list[dict]:
                 "sentences/s": round(speed.get("sentences_per_s", float("nan")), 1),
                 "_bleu": m["bleu"]["mean"], "_size": size_mb,
             })
-    # The teacher is evaluated once, at the top level; drop repeats from variant dirs.
-    seen, out = set(), []
-    for r in rows:
-        key = (r["model"], r["parameters"], r["_bleu"])
-        if key not in seen:
-            seen.add(key)
-            out.append(r)
-    return out
+    return rows  # the teacher is evaluated once, at the top level (main.run)
 
 
 def _summary(d: str) -> dict | None:
