@@ -180,8 +180,10 @@ def variant_workdir(workdir: str, name: str) -> str:
         os.makedirs(vdir, exist_ok=True)
         for shared in ("finetune", "generate", "data"):
             link = os.path.join(vdir, shared)
-            if not os.path.lexists(link):
+            try:
                 os.symlink(os.path.join("..", "..", shared), link)
+            except FileExistsError:
+                pass  # made by an earlier run, or by another process of this one (multi-host)
     return vdir
 
 

@@ -49,8 +49,9 @@ def _run(stage, workdir, teacher_dir, *, processes):
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    if any(p.returncode != 0 for p in procs):
+        raise AssertionError("\n".join(f"process {i} exited {p.returncode}:\n{err[-2500:]}"
+                                        for i, (p, (_, err)) in enumerate(zip(procs, outs))))
 
 
 def _records(workdir):
