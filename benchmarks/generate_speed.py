@@ -4,6 +4,8 @@ T5-small shape (d_model 512, 6+6 layers, 8 heads, d_ff 2048, vocab 32128, T5 v1.
 weights built with transformers, saved as safetensors and loaded (converted) into kd_flax.
 Batch 32 x 32 source tokens, exactly 32 new tokens (min_new_tokens = max_new_tokens = 32),
 float32, greedy and beam 4. tokens/s = batch * 32 / seconds (the best hypothesis' tokens).
+CTranslate2 (float32, same converted checkpoint) runs too when it is installed
+(`pip install ctranslate2`); issue 4's beam target is measured against it.
 
     python benchmarks/generate_speed.py                 # full size (a few minutes on 2 cores)
     python benchmarks/generate_speed.py --small         # quick smoke run
@@ -13,6 +15,7 @@ float32, greedy and beam 4. tokens/s = batch * 32 / seconds (the best hypothesis
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
@@ -21,9 +24,6 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-
-CT2_GREEDY, CT2_BEAM4 = 250, 134  # CTranslate2 float32 tok/s measured earlier on this machine
 
 
 def t5_config(small: bool):
@@ -51,6 +51,38 @@ def timed(fn, runs: int) -> tuple[float, float, float]:
     return first, statistics.median(walls), statistics.median(cpus)
 
 
+def bench_ctranslate2(hf_dir: str, config, ids, args) -> dict:
+    """CTranslate2 float32 on the same checkpoint: {beams: (median wall s, median CPU s)}.
+
+    The converter wants a tokenizer; a word-level one whose token i is "t{i}" maps our ids 1:1, and
+    the source rows are passed as token strings with the EOS that T5 inputs end with.
+    """
+    import ctranslate2
+    import transformers as tf
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{f"t{i}": i for i in range(3, config.vocab_size)}}
+    tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                               unk_token="<unk>").save_pretrained(hf_dir)
+    out_dir = os.path.join(hf_dir, "ct2")
+    ctranslate2.converters.TransformersConverter(hf_dir).convert(out_dir, quantization=None, force=True)
+    translator = ctranslate2.Translator(out_dir, device="cpu", compute_type="float32",
+                                        intra_threads=args.threads, inter_threads=1)
+    source = [[f"t{i}" for i in row] + ["</s>"] for row in ids.tolist()]
+    out = {}
+    for beams in args.beams:
+        def run_ct2():
+            res = translator.translate_batch(source, beam_size=beams, max_batch_size=0,
+                                             max_decoding_length=args.new_tokens,
+                                             min_decoding_length=args.new_tokens)
+            assert min(len(r.hypotheses[0]) for r in res) == args.new_tokens
+        _, sec, cpu = timed(run_ct2, args.runs)
+        out[beams] = (sec, cpu)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="tiny model (smoke run)")
@@ -61,6 +93,7 @@ def main():
     p.add_argument("--beams", type=int, nargs="+", default=[1, 4])
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--skip-ct2", action="store_true", help="do not run CTranslate2 even when installed")
     args = p.parse_args()
 
     import jax
@@ -114,24 +147,28 @@ def main():
             print(f"  transformers  beam {beams}: {n_tok / sec:8.1f} tok/s  ({sec:.2f} s/batch wall, {cpu:.2f} "
                   f"CPU-s/batch -> {n_tok / cpu:.1f} tok per CPU-s)", flush=True)
 
-    try:  # CTranslate2 needs a tokenizer in the checkpoint to convert; report it when present
-        import ctranslate2  # noqa: F401
-        print("  CTranslate2 is installed but this benchmark does not drive it (tokenizer-free model); "
-              f"reference figures from this machine: {CT2_GREEDY} tok/s greedy, {CT2_BEAM4} tok/s beam 4 (float32)")
-    except ImportError:
-        print("  CTranslate2 not installed: skipped (measured earlier on this machine, float32: "
-              f"{CT2_GREEDY} tok/s greedy, {CT2_BEAM4} tok/s beam 4)")
+    if args.skip_ct2:
+        pass
+    elif importlib.util.find_spec("ctranslate2") is None:
+        print("  CTranslate2 not installed (pip install ctranslate2): skipped")
+    else:
+        for beams, (sec, cpu) in bench_ctranslate2(tmp, config, ids, args).items():
+            results[("ctranslate2", beams)] = (n_tok / sec, n_tok / cpu)
+            print(f"  CTranslate2   beam {beams}: {n_tok / sec:8.1f} tok/s  ({sec:.2f} s/batch wall, {cpu:.2f} "
+                  f"CPU-s/batch -> {n_tok / cpu:.1f} tok per CPU-s; float32, intra_threads={args.threads})",
+                  flush=True)
 
-    print("ratios kd_flax / transformers (wall tok/s; CPU-time tok/s):")
-    for beams in args.beams:
-        if ("transformers", beams) in results:
-            (kw_, kc), (tw, tc) = results[("kd_flax", beams)], results[("transformers", beams)]
-            print(f"  beam {beams}: {kw_ / tw:.2f}x wall, {kc / tc:.2f}x CPU time")
+    for peer in ("transformers", "ctranslate2"):
+        if any((peer, b) in results for b in args.beams):
+            print(f"ratios kd_flax / {peer} (wall tok/s; CPU-time tok/s):")
+        for beams in args.beams:
+            if (peer, beams) in results:
+                (kw_, kc), (pw, pc) = results[("kd_flax", beams)], results[(peer, beams)]
+                print(f"  beam {beams}: {kw_ / pw:.2f}x wall, {kc / pc:.2f}x CPU time")
     if not args.small:  # issue 4's targets (full size only)
-        if ("kd_flax", 4) in results:
-            got = results[("kd_flax", 4)][0]
-            print(f"target beam 4 >= {CT2_BEAM4} tok/s (CTranslate2 fp32): {got:.1f} -> "
-                  f"{'met' if got >= CT2_BEAM4 else 'NOT met'}")
+        if ("kd_flax", 4) in results and ("ctranslate2", 4) in results:
+            ratio = results[("kd_flax", 4)][0] / results[("ctranslate2", 4)][0]
+            print(f"target beam 4 >= CTranslate2 float32: {ratio:.2f}x -> {'met' if ratio >= 1.0 else 'NOT met'}")
         if ("kd_flax", 1) in results and ("transformers", 1) in results:
             ratio = results[("kd_flax", 1)][0] / results[("transformers", 1)][0]
             print(f"target greedy >= 1.5x transformers: {ratio:.2f}x -> {'met' if ratio >= 1.5 else 'NOT met'}")

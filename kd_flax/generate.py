@@ -324,11 +324,11 @@ class GenerateStep:
             out = generate_fn(model, input_ids, attention_mask, seed=seed if sample else 0, **kwargs)
             return out.sequences, out.scores, out.sum_logprobs
 
-        if mesh is None:
-            return jax.jit(step), None, traces
-        from jax.sharding import NamedSharding, PartitionSpec as P
-
         from kd_flax import sharding
+
+        if mesh is None:
+            return jax.jit(step, compiler_options=sharding.compiler_options()), None, traces
+        from jax.sharding import NamedSharding, PartitionSpec as P
 
         in_sh = sharding.batch_sharding(mesh, rules, ndim=2)
         batch_axes = in_sh.spec[0]
@@ -336,7 +336,7 @@ class GenerateStep:
                   NamedSharding(mesh, P(batch_axes, None)), NamedSharding(mesh, P(batch_axes, None)))
         state_sh = jax.tree.map(lambda x: x.sharding, state)
         fn = jax.jit(step, in_shardings=(state_sh, in_sh, in_sh, NamedSharding(mesh, P())),
-                     out_shardings=out_sh)
+                     out_shardings=out_sh, compiler_options=sharding.compiler_options())
         return fn, in_sh, traces
 
     def compilations(self) -> int:

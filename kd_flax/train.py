@@ -383,10 +383,11 @@ class TrainStep:
         self._batch_sh = None
 
     def _build(self, state, teacher_params):
-        if self.mesh is None:
-            self._jitted = jax.jit(self._fn, donate_argnums=(0,))
-            return
         from kd_flax import sharding
+
+        if self.mesh is None:
+            self._jitted = jax.jit(self._fn, donate_argnums=(0,), compiler_options=sharding.compiler_options())
+            return
 
         st_sh = state_shardings(state, self.mesh, self.rules)
         self._batch_sh = sharding.batch_sharding(self.mesh, self.rules, ndim=2)
@@ -394,7 +395,8 @@ class TrainStep:
                 else sharding.param_shardings(teacher_params, self.mesh, self.rules))
         rep = _replicated(self.mesh)
         self._jitted = jax.jit(self._fn, in_shardings=(st_sh, self._batch_sh, t_sh),
-                               out_shardings=(st_sh, rep), donate_argnums=(0,))
+                               out_shardings=(st_sh, rep), donate_argnums=(0,),
+                               compiler_options=sharding.compiler_options())
 
     def __call__(self, state, batch, teacher_params=None):
         if self._jitted is None:
@@ -492,7 +494,8 @@ def make_eval_step(student_graphdef, *, quant_rules=None):
             params = quant.quantize_params(params, quant_rules)
         logits, _, _ = _forward(_merge(graph, params), batch, hidden=False, attn=False)
         return losses.cross_entropy(logits, batch["labels"], batch["decoder_attention_mask"].astype(jnp.float32))
-    return jax.jit(f)
+    from kd_flax import sharding
+    return jax.jit(f, compiler_options=sharding.compiler_options())
 
 
 # ---------------------------------------------------------------------------

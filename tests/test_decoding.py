@@ -278,6 +278,25 @@ def test_one_hot_gather_matches_take():
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6)
 
 
+def test_gather_beams_reorders_whole_beams():
+    x = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+    idx = np.array([[2, 0, 2, 1, 1, 0], [1, 1, 0, 2, 0, 2]], np.int32)  # K' = 2K candidates
+    want = np.stack([x[b, idx[b]] for b in range(2)])
+    for mode in ("take", "one_hot"):
+        np.testing.assert_array_equal(jax.jit(decoding._gather_beams, static_argnums=2)(x, idx, mode), want)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_first_argmax_is_numpy_argmax(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 4, (64, 37)).astype(np.float32)  # many ties: the first index must win
+    x[3, 7] = np.nan  # a NaN counts as the maximum, as in jnp.argmax
+    x[5] = np.nan
+    x[9] = -np.inf
+    np.testing.assert_array_equal(jax.jit(decoding.first_argmax)(x), np.argmax(x, axis=-1))
+    np.testing.assert_array_equal(decoding.first_argmax(x[None]), np.argmax(x, axis=-1)[None])
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampling.
 

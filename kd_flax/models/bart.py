@@ -424,11 +424,8 @@ class BartModel(layers.GenerationConfigMixin, nnx.Module):
             w = self._decoder_embed().embedding[...].T
         return w, self.final_logits_bias[...]
 
-    def _logits(self, h):
-        w, b = self.unembedding()
-        dt = jnp.dtype(self.config.dtype)
-        logits = jnp.dot(h.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
-        logits = logits + b.astype(jnp.float32)
+    def _logits(self, h, unembedding=None):
+        logits = layers.unembed(h, *(unembedding or self.unembedding()), dtype=self.config.dtype)
         return sharding.constrain(logits, ("batch", "length", "vocab"))
 
     def _check_length(self, n, what):
@@ -494,9 +491,10 @@ class BartModel(layers.GenerationConfigMixin, nnx.Module):
 
     def decode(self, decoder_input_ids, encoder_out, attention_mask, *,
                decoder_attention_mask=None, cache=None, output_hidden_states=False,
-               output_attentions=False):
+               output_attentions=False, unembedding=None):
         """Decoder forward → `(logits [B, T, V] float32, cache)` (+ `DecoderExtras` when an
-        output flag is set).
+        output flag is set). `unembedding`: `(W [D, V], bias)` to use instead of
+        :meth:`unembedding` (generation passes a copy laid out once, outside its loop).
 
         Without `cache`: teacher forcing over the full `decoder_input_ids` [B, T] with a
         causal mask and optional `decoder_attention_mask` [B, T]. With `cache`: the next
@@ -538,7 +536,7 @@ class BartModel(layers.GenerationConfigMixin, nnx.Module):
             x, ys = layers.apply_layers(self.decoder.layers, body, x, cache_layers,
                                         scan=c.scan_layers, remat=c.remat)
         h = self.decoder.finish(x)
-        logits = self._logits(h)
+        logits = self._logits(h, unembedding)
         new_cache = None
         if cache is not None:
             if c.scan_layers:

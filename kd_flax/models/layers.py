@@ -116,6 +116,13 @@ class Embed(nnx.Module):
                        preferred_element_type=jnp.float32)
 
 
+def unembed(h: Array, w: Array, b: Array | None = None, *, dtype=jnp.float32) -> Array:
+    """LM head ``h @ w (+ b)`` with ``w`` [D, V], computed in ``dtype``, float32 logits."""
+    dt = jnp.dtype(dtype)
+    logits = jnp.dot(h.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+    return logits if b is None else logits + b.astype(jnp.float32)
+
+
 class RMSNorm(nnx.Module):
     """T5 layer norm: no mean subtraction, no bias, variance in float32."""
 

@@ -316,9 +316,11 @@ class T5Model(L.GenerationConfigMixin, nnx.Module):
 
     # ---------------------------------------------------------------- decoder
     def decode(self, decoder_input_ids, encoder_out, attention_mask=None, *, decoder_attention_mask=None,
-               cache=None, output_hidden_states: bool = False, output_attentions: bool = False):
+               cache=None, output_hidden_states: bool = False, output_attentions: bool = False,
+               unembedding=None):
         """Decoder + LM head → ``(logits [B, T, V] float32, cache)``, plus ``DecoderExtras``
-        when an output flag is set.
+        when an output flag is set. ``unembedding``: ``(W [D, V], bias or None)`` to use instead
+        of :meth:`unembedding` (generation passes a copy laid out once, outside its loop).
 
         Without ``cache``: teacher-forced over the full ``decoder_input_ids`` [B, T] (causal),
         ``decoder_attention_mask`` [B, T] masks padded keys. With ``cache`` (from
@@ -363,7 +365,7 @@ class T5Model(L.GenerationConfigMixin, nnx.Module):
         hidden_out = h
         if self.config.scale_decoder_outputs:
             h = h * (self.config.d_model ** -0.5)
-        logits = self._logits(h)
+        logits = self._logits(h, unembedding)
         new_cache = None
         if cache is not None:
             new_cache = {"index": index + T, "layers": new_layers}
@@ -377,8 +379,10 @@ class T5Model(L.GenerationConfigMixin, nnx.Module):
             logits_hidden=h)
         return logits, new_cache, extras
 
-    def _logits(self, h):
-        if self.lm_head is None:
+    def _logits(self, h, unembedding=None):
+        if unembedding is not None:
+            logits = L.unembed(h, *unembedding, dtype=self.config.dtype)
+        elif self.lm_head is None:
             logits = self.embed_tokens.attend(h)
         else:
             logits = self.lm_head(h).astype(jnp.float32)
