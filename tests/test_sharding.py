@@ -126,3 +126,27 @@ def test_resolved_specs_are_always_valid(dims, mesh_name):
         used += list(entry)
     assert len(used) == len(set(used))
     jax.sharding.NamedSharding(mesh, spec).shard_shape(shape)  # accepted by JAX
+
+
+def test_compiler_options_cpu_default_and_user_override(monkeypatch):
+    from kd_flax import sharding
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    opts = sharding.compiler_options()
+    assert opts == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    f = jax.jit(lambda a, b: jax.nn.log_softmax(a @ b), compiler_options=opts)  # XLA accepts it
+    a = np.ones((4, 8), np.float32)
+    np.testing.assert_allclose(f(a, a.T), jax.nn.log_softmax(a @ a.T), rtol=1e-6)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
+    assert sharding.compiler_options() is None  # the user's own setting wins
+
+
+def test_generate_inside_a_callers_jit():
+    # Compiler options are for top-level jits only: generate() nested in a jit must not pass them.
+    from flax import nnx
+    from kd_flax import decoding, models
+    model = models.create_model(models.T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, encoder_layers=1,
+                                                decoder_layers=1, num_heads=2), nnx.Rngs(0))
+    ids = np.full((2, 5), 3, np.int32)
+    eager = decoding.generate(model, ids, max_new_tokens=4).sequences
+    nested = jax.jit(lambda x: decoding.generate(model, x, max_new_tokens=4).sequences)(ids)
+    np.testing.assert_array_equal(eager, nested)
