@@ -39,6 +39,7 @@ from kd_flax import io_utils
 
 log = logging.getLogger(__name__)
 
+CHECKSUM_CACHE = ".teacher_checksums.json"  # in the workdir: per-file digests keyed by size+mtime
 OUT_SUBDIR = "generate"
 MANIFEST = "manifest.json"
 SELECT_CHOICES = ("best", "bleu", "chrf")
@@ -142,12 +143,15 @@ def teacher_dir(config, workdir) -> str:
     return path
 
 
-def job_settings(config, teacher_path: str, tokenizer_path: str, process_count: int) -> dict:
-    """Everything the output depends on; a change in any of it must not mix outputs."""
+def job_settings(config, teacher_path: str, tokenizer_path: str, process_count: int, *,
+                 checksum_cache=None, write_cache: bool = True) -> dict:
+    """Everything the output depends on; a change in any of it must not mix outputs.
+    ``checksum_cache``: see `io_utils.tree_checksum` (re-runs then skip re-reading the teacher)."""
     d = config.data
+    kw = dict(cache=checksum_cache, write_cache=write_cache)
     return {
-        "teacher": {"checksum": io_utils.tree_checksum(teacher_path),
-                    "tokenizer_checksum": io_utils.tree_checksum(tokenizer_path)},
+        "teacher": {"checksum": io_utils.tree_checksum(teacher_path, **kw),
+                    "tokenizer_checksum": io_utils.tree_checksum(tokenizer_path, **kw)},
         "data": {k: _plain(_get(d, k)) for k in ("train", "src_lang", "tgt_lang", "source_prefix",
                                                    "max_source_length", "bucket_boundaries",
                                                    "max_train_examples")},
@@ -387,7 +391,9 @@ def run(config, workdir, *, force: bool = False, generate_fn: Callable | None = 
     out_dir = io_utils.makedirs(io_utils.join(workdir, OUT_SUBDIR))
     t_path = teacher_dir(config, workdir)
     tok_path = _get(config.teacher, "tokenizer") or t_path
-    settings = job_settings(config, t_path, tok_path, pc)
+    # Outside out_dir, so that --force (which empties out_dir) keeps it; process 0 writes it.
+    cache = io_utils.join(workdir, CHECKSUM_CACHE)
+    settings = job_settings(config, t_path, tok_path, pc, checksum_cache=cache, write_cache=pi == 0)
     config_hash = io_utils.json_hash(settings)
 
     old = _read_manifest(out_dir)

@@ -169,33 +169,65 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
-def tree_checksum(path, *, exclude_hidden: bool = True) -> str:
+def _signature(f: epath.Path) -> list:
+    """(size, modification time) of a file: ns resolution locally, the object's stat remotely."""
+    if not is_remote(f):
+        st = os.stat(os.fspath(f))
+        return [st.st_size, st.st_mtime_ns]
+    st = f.stat()
+    return [st.length, st.mtime]
+
+
+def tree_checksum(path, *, exclude_hidden: bool = True, cache=None, write_cache: bool = True) -> str:
     """SHA-256 over every file below ``path``: relative names and contents, in sorted order.
 
     A single file is hashed by content alone. Hidden files (``.foo``, e.g. temp files of an
     unfinished atomic write) are left out by default so they cannot change the checksum.
+    ``cache``: a JSON file of per-file digests keyed by the file's path, size and modification
+    time. A file whose size and time match its entry is not read again, so a re-run (a resumed
+    job, a skipped stage) does not re-read, or re-download from ``gs://``, a multi-GB teacher.
+    With ``write_cache`` the file is updated (atomically) when an entry was added or changed.
     """
     root = as_path(path)
     if not root.exists():
         raise ValueError(f"tree_checksum: {path} does not exist")
+    memo = {}
+    if cache is not None and exists(cache):
+        try:
+            memo = read_json(cache).get("files", {})
+        except (ValueError, AttributeError):
+            memo = {}  # a damaged cache only costs a re-read
+    fresh = {}
+
+    def digest(f: epath.Path) -> str:
+        key, sig = os.fspath(f), _signature(f)
+        hit = memo.get(key)
+        sha = hit[2] if isinstance(hit, list) and len(hit) == 3 and hit[:2] == sig else sha256_file(f)
+        fresh[key] = sig + [sha]
+        return sha
+
     if not root.is_dir():
-        return sha256_file(root)
-    files = []
-    stack = [(root, "")]
-    while stack:  # explicit walk: epath refuses recursive globs on GCS
-        d, prefix = stack.pop()
-        for f in d.iterdir():
-            if exclude_hidden and f.name.startswith("."):
-                continue
-            rel = prefix + f.name
-            if f.is_dir():
-                stack.append((f, rel + "/"))
-            else:
-                files.append((rel, f))
-    h = hashlib.sha256()
-    for rel, f in sorted(files, key=lambda t: t[0]):
-        h.update(rel.encode("utf-8") + b"\0" + sha256_file(f).encode("ascii") + b"\n")
-    return h.hexdigest()
+        result = digest(root)
+    else:
+        files = []
+        stack = [(root, "")]
+        while stack:  # explicit walk: epath refuses recursive globs on GCS
+            d, prefix = stack.pop()
+            for f in d.iterdir():
+                if exclude_hidden and f.name.startswith("."):
+                    continue
+                rel = prefix + f.name
+                if f.is_dir():
+                    stack.append((f, rel + "/"))
+                else:
+                    files.append((rel, f))
+        h = hashlib.sha256()
+        for rel, f in sorted(files, key=lambda t: t[0]):
+            h.update(rel.encode("utf-8") + b"\0" + digest(f).encode("ascii") + b"\n")
+        result = h.hexdigest()
+    if cache is not None and write_cache and any(memo.get(k) != v for k, v in fresh.items()):
+        atomic_write_json(cache, {"files": {**memo, **fresh}})
+    return result
 
 
 def json_hash(obj: Any) -> str:

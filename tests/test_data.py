@@ -249,6 +249,28 @@ def test_batches_split_over_processes():
         next(data.batches(exs, 3, seed=3, process_index=0, process_count=2, **KW))
 
 
+def test_tree_checksum_cache_skips_unchanged_files(tmp_path, monkeypatch):
+    d, cache = tmp_path / "ckpt", tmp_path / "cache.json"
+    io_utils.atomic_write_text(d / "model.safetensors", "w" * 1000)
+    io_utils.atomic_write_text(d / "sub" / "config.json", "{}")
+    plain = io_utils.tree_checksum(d)
+    assert io_utils.tree_checksum(d, cache=cache) == plain
+    assert len(io_utils.read_json(cache)["files"]) == 2
+    real_sha = io_utils.sha256_file
+    reads = []
+    monkeypatch.setattr(io_utils, "sha256_file", lambda f: reads.append(f) or real_sha(f))
+    assert io_utils.tree_checksum(d, cache=cache) == plain and reads == []  # nothing read again
+    io_utils.atomic_write_text(d / "sub" / "config.json", '{"a": 1}')  # a changed file is re-read
+    changed = io_utils.tree_checksum(d, cache=cache)
+    assert [f.name for f in reads] == ["config.json"]
+    assert changed != plain and changed == io_utils.tree_checksum(d)
+    reads.clear()
+    assert io_utils.tree_checksum(d, cache=cache) == changed and reads == []
+    cache.write_text("{not json")  # a damaged cache costs a re-read, never a wrong checksum
+    assert io_utils.tree_checksum(d, cache=cache) == changed
+    assert io_utils.tree_checksum(d / "model.safetensors", cache=cache) == real_sha(d / "model.safetensors")
+
+
 def test_io_utils_atomic_and_checksum(tmp_path):
     io_utils.atomic_write_json(tmp_path / "d" / "a.json", {"b": 1})
     io_utils.atomic_write_text(tmp_path / "d" / "s" / "t.txt", "é")

@@ -156,6 +156,9 @@ def test_job_output_manifest_and_skip(setup, reference_run):
     assert c["bad"] == {"empty_source": 2, "tsv_fields": 1}
     assert manifest["shards"] == [f"part-{k:05d}" for k in range(5)]  # 42 examples / 10 per shard
     assert manifest["teacher"]["checksum"] == io_utils.tree_checksum(d / "teacher")
+    # re-runs find the teacher's per-file digests here instead of reading it again
+    cached = io_utils.read_json(workdir / G.CHECKSUM_CACHE)["files"]
+    assert any(k.endswith("weights.bin") for k in cached)
     assert manifest["decoding"]["num_beams"] == 3
     recs = records(workdir)
     assert [r["id"] for r in recs] == sorted(good)  # complete, unique, in id order
