@@ -200,7 +200,8 @@ def tree_checksum(path, *, exclude_hidden: bool = True, cache=None, write_cache:
     fresh = {}
 
     def digest(f: epath.Path) -> str:
-        key, sig = os.fspath(f), _signature(f)
+        key = os.fspath(f) if is_remote(f) else os.path.abspath(os.fspath(f))  # not cwd-relative
+        sig = _signature(f)
         hit = memo.get(key)
         sha = hit[2] if isinstance(hit, list) and len(hit) == 3 and hit[:2] == sig else sha256_file(f)
         fresh[key] = sig + [sha]
