@@ -14,6 +14,7 @@ labels, decoder_attention_mask` (the label weights), optionally `teacher_topk_lo
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import signal
@@ -28,6 +29,8 @@ import optax
 from flax import nnx, struct
 
 from kd_flax import losses
+
+log = logging.getLogger(__name__)
 
 STAGE_DIRS = ("ckpt", "best", "tb", "model")
 
@@ -908,6 +911,10 @@ def _teacher_dir(config, workdir):
     return config.teacher.path
 
 
+# Model-config fields that change how a model runs, not what it is (safe over any checkpoint).
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "act_quant_bits")
+
+
 def build_student(config, teacher, teacher_tokenizer, *, overrides=None):
     """The student the config asks for → `(model, tokenizer, StudentInfo)`."""
     from kd_flax import models
@@ -923,7 +930,13 @@ def build_student(config, teacher, teacher_tokenizer, *, overrides=None):
                                                layer_map=lm, overrides=over, seed=int(config.seed))
         return model, teacher_tokenizer, info
     if sc.init == "pretrained":
-        model = models.load_pretrained(sc.path, **over)
+        # The checkpoint defines the architecture; of `student.model` only the runtime fields
+        # apply (a recipe's scratch-student shape must not break a switch to a checkpoint).
+        ignored = sorted(k for k in over if k not in _RUNTIME_FIELDS)
+        if ignored:
+            log.warning("student.init='pretrained': student.model keys %s ignored (the checkpoint %s "
+                        "defines the architecture)", ignored, sc.path)
+        model = models.load_pretrained(sc.path, **{k: v for k, v in over.items() if k in _RUNTIME_FIELDS})
         return model, models.load_tokenizer(sc.path), student_lib.StudentInfo("pretrained")
     if sc.init == "scratch":
         layers = {k: v for k, v in (("encoder_layers", sc.encoder_layers), ("decoder_layers", sc.decoder_layers)) if v}
