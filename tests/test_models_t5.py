@@ -209,3 +209,21 @@ def test_dense_activation_quantization():
     ref = xq @ np.asarray(d.kernel[...], np.float64) + np.asarray(d.bias[...], np.float64)
     np.testing.assert_allclose(d(jnp.asarray(x)), ref, rtol=1e-5, atol=1e-5)
     assert not np.allclose(L.Dense(5, 3, rngs=nnx.Rngs(0))(jnp.asarray(x)), ref, atol=1e-7)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_unembedding_override_keeps_the_head(tied):
+    """decode(..., unembedding=model.unembedding()) — what generation passes — gives the logits of
+    the model's own head; an untied W8A8 head keeps fake-quantizing its input activation."""
+    from kd_flax.models import T5Config, create_model
+    extra = {} if tied else dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                                 scale_decoder_outputs=False)
+    cfg = T5Config(vocab_size=48, d_model=16, d_kv=4, d_ff=32, encoder_layers=1, decoder_layers=1,
+                   num_heads=2, act_quant_bits=8, **extra)
+    model = create_model(cfg, nnx.Rngs(0))
+    ids = np.arange(12, dtype=np.int32).reshape(2, 6) + 3
+    enc = model.encode(ids)
+    dec = np.full((2, 3), 5, np.int32)
+    own, _ = model.decode(dec, enc)
+    over, _ = model.decode(dec, enc, unembedding=model.unembedding())
+    np.testing.assert_array_equal(np.asarray(over), np.asarray(own))

@@ -99,7 +99,7 @@ class Dense(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding ``embedding`` [V, D]; ``attend`` gives tied-head logits."""
+    """Token embedding ``embedding`` [V, D] (a tied head's logits: ``unembed(h, embedding.T)``)."""
 
     def __init__(self, num_embeddings: int, features: int, *, axes=("vocab", "embed"),
                  embedding_init=None, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -109,11 +109,6 @@ class Embed(nnx.Module):
 
     def __call__(self, ids: Array) -> Array:
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
-
-    def attend(self, x: Array) -> Array:
-        """``x @ embedding.T`` in float32 (logits)."""
-        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T,
-                       preferred_element_type=jnp.float32)
 
 
 def unembed(h: Array, w: Array, b: Array | None = None, *, dtype=jnp.float32) -> Array:

@@ -320,7 +320,8 @@ class T5Model(L.GenerationConfigMixin, nnx.Module):
                unembedding=None):
         """Decoder + LM head → ``(logits [B, T, V] float32, cache)``, plus ``DecoderExtras``
         when an output flag is set. ``unembedding``: ``(W [D, V], bias or None)`` to use instead
-        of :meth:`unembedding` (generation passes a copy laid out once, outside its loop).
+        of :meth:`unembedding` for a tied head (generation passes a copy laid out once, outside
+        its loop); an untied ``lm_head`` is used as is.
 
         Without ``cache``: teacher-forced over the full ``decoder_input_ids`` [B, T] (causal),
         ``decoder_attention_mask`` [B, T] masks padded keys. With ``cache`` (from
@@ -380,12 +381,10 @@ class T5Model(L.GenerationConfigMixin, nnx.Module):
         return logits, new_cache, extras
 
     def _logits(self, h, unembedding=None):
-        if unembedding is not None:
-            logits = L.unembed(h, *unembedding, dtype=self.config.dtype)
-        elif self.lm_head is None:
-            logits = self.embed_tokens.attend(h)
-        else:
+        if self.lm_head is not None:  # untied: already [D, V], and it may fake-quantize its input
             logits = self.lm_head(h).astype(jnp.float32)
+        else:  # tied: the embedding, or the caller's copy of it laid out as [D, V]
+            logits = L.unembed(h, *(unembedding or self.unembedding()), dtype=self.config.dtype)
         return _sharding.constrain(logits, ("batch", "length", "vocab"))
 
     def unembedding(self):
