@@ -35,6 +35,22 @@ def t5_config(small: bool):
                        dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
 
 
+def make_models(small: bool):
+    """The benchmark's random T5 (seed 0) as transformers PyTorch model, saved as safetensors,
+    and converted into kd_flax: ``(config, hf_model, checkpoint_dir, kd_flax_model)``."""
+    import torch
+    import transformers as tf
+
+    from kd_flax.models import load_pretrained
+
+    torch.manual_seed(0)
+    config = t5_config(small)
+    hf_model = tf.T5ForConditionalGeneration(config).eval()
+    tmp = tempfile.mkdtemp(prefix="kd_gen_bench_")
+    hf_model.save_pretrained(tmp, safe_serialization=True)
+    return config, hf_model, tmp, load_pretrained(tmp)
+
+
 def timed(fn, runs: int) -> tuple[float, float, float]:
     """(first call seconds incl. compilation / warm-up, median wall seconds and median process CPU
     seconds of `runs` further calls). CPU seconds (all threads) help on a shared machine: with
@@ -102,15 +118,9 @@ def main():
     import transformers as tf
 
     from kd_flax import decoding
-    from kd_flax.models import load_pretrained
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    config = t5_config(args.small)
-    hf_model = tf.T5ForConditionalGeneration(config).eval()
-    tmp = tempfile.mkdtemp(prefix="kd_gen_bench_")
-    hf_model.save_pretrained(tmp, safe_serialization=True)
-    model = load_pretrained(tmp)
+    config, hf_model, tmp, model = make_models(args.small)
 
     rng = np.random.default_rng(0)
     ids = rng.integers(2, config.vocab_size, (args.batch, args.src_len)).astype(np.int32)

@@ -17,7 +17,6 @@ import glob
 import os
 import re
 import sys
-import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
@@ -33,18 +32,11 @@ def main():
 
     import jax
     import numpy as np
-    import torch
-    import transformers as tf
 
-    from generate_speed import t5_config
+    from generate_speed import make_models
     from kd_flax import decoding
-    from kd_flax.models import load_pretrained
 
-    torch.manual_seed(0)
-    config = t5_config(args.small)
-    tmp = tempfile.mkdtemp(prefix="kd_gen_profile_")
-    tf.T5ForConditionalGeneration(config).eval().save_pretrained(tmp, safe_serialization=True)
-    model = load_pretrained(tmp)
+    config, _, tmp, model = make_models(args.small)
     ids = np.random.default_rng(0).integers(2, config.vocab_size, (32, 32)).astype(np.int32)
 
     def run():
