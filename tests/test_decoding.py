@@ -286,15 +286,64 @@ def test_gather_beams_reorders_whole_beams():
         np.testing.assert_array_equal(jax.jit(decoding._gather_beams, static_argnums=2)(x, idx, mode), want)
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_first_argmax_is_numpy_argmax(seed):
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, 4, (64, 37)).astype(np.float32)  # many ties: the first index must win
-    x[3, 7] = np.nan  # a NaN counts as the maximum, as in jnp.argmax
+# Vocabulary lengths below, at and above fold_reduce's stop (256), even and odd (odd lengths fold
+# with an overlapping entry), and T5's 32128.
+FOLD_LENGTHS = [1, 37, 256, 257, 1000, 1001, 4097, 32128]
+
+
+@pytest.mark.parametrize("length", FOLD_LENGTHS)
+def test_first_argmax_is_numpy_argmax(length):
+    rng = np.random.default_rng(length)
+    x = rng.integers(0, 4, (16, length)).astype(np.float32)  # many ties: the first index must win
+    x[3, length // 2] = np.nan  # a NaN counts as the maximum, as in jnp.argmax (even after a 3)
     x[5] = np.nan
     x[9] = -np.inf
+    x[10, -1] = 9.0  # the maximum in the last entry (the one an odd fold visits twice)
+    x[11, length // 2] = 9.0  # ... and in the middle
     np.testing.assert_array_equal(jax.jit(decoding.first_argmax)(x), np.argmax(x, axis=-1))
     np.testing.assert_array_equal(decoding.first_argmax(x[None]), np.argmax(x, axis=-1)[None])
+
+
+@pytest.mark.parametrize("length", FOLD_LENGTHS)
+def test_fold_reduce_and_logsumexp_match_numpy(length):
+    rng = np.random.default_rng(length)
+    x = (rng.standard_normal((6, length)) * 8).astype(np.float32)
+    x[1, -1] = 50.0  # extremes in the last and middle entries
+    x[2, length // 2] = -50.0
+    x[3, : length // 3] = -np.inf  # masked entries, as the logit processors leave them
+    x64 = x.astype(np.float64)
+    fold = jax.jit(decoding.fold_reduce, static_argnums=1)
+    np.testing.assert_array_equal(fold(x, "max"), x.max(-1))
+    np.testing.assert_array_equal(fold(x, "min"), x.min(-1))
+    finite = np.where(np.isfinite(x), x, 0.0)
+    np.testing.assert_allclose(fold(finite, "sum"), finite.astype(np.float64).sum(-1), rtol=1e-5, atol=1e-3)
+    ones = np.ones((2, length), np.float32)  # an odd fold must not count its overlap twice
+    np.testing.assert_array_equal(fold(ones, "sum"), [length, length])
+    m = x64.max(-1, keepdims=True)
+    lse = (m + np.log(np.exp(x64 - m).sum(-1, keepdims=True)))[:, 0]
+    np.testing.assert_allclose(jax.jit(decoding.logsumexp)(x), lse, rtol=1e-6, atol=1e-5)
+    got = np.asarray(jax.jit(decoding.log_softmax)(x))
+    np.testing.assert_allclose(got[np.isfinite(x)], (x64 - lse[:, None])[np.isfinite(x)], rtol=1e-5, atol=1e-4)
+    assert (got[~np.isfinite(x)] == -np.inf).all()
+    # A fully masked row gives -inf, not NaN (as jax.nn.logsumexp).
+    assert float(decoding.logsumexp(np.full((length,), -np.inf, np.float32))) == -np.inf
+    with pytest.raises(ValueError, match="'max', 'min' or 'sum'"):
+        decoding.fold_reduce(x, "mean")
+
+
+def test_processing_the_chosen_tokens_equals_processing_the_vocabulary():
+    """The loops score only the chosen token; that must be the full processed log-prob there."""
+    rng = np.random.default_rng(0)
+    vocab, length = 300, 5
+    logp = jnp.asarray(rng.standard_normal((4, vocab)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, vocab, (4, 3)), jnp.int32).at[:, 0].set(jnp.array([1, 3, 7, 299]))
+    for proc in [decoding._make_processing(length, (1, 299), 0, min_new_tokens=2, suppress_tokens=(7,)),
+                 decoding._make_processing(length, 1, 0, forced_bos_token_id=3, forced_eos_token_id=1)]:
+        for step in range(length):
+            full = decoding._process_logprobs(logp, jnp.int32(step), proc)
+            chosen = decoding._process_logprobs(jnp.take_along_axis(logp, ids, axis=-1), jnp.int32(step),
+                                                proc, token_ids=ids, vocab=vocab)
+            np.testing.assert_array_equal(chosen, jnp.take_along_axis(full, ids, axis=-1))
 
 
 # ---------------------------------------------------------------------------------------------

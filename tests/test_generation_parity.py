@@ -32,9 +32,10 @@ def _toy_batch(rng, n, config, src_len=8):
     return src, (src != pad).astype(np.int64), labels
 
 
-def trained_model(tmp_path, model_type, steps=40, **generation):
-    """A tiny transformers model, briefly trained, saved; returns (dir, torch model, batch)."""
-    directory, tm = make_hf_model(tmp_path, model_type)
+def trained_model(tmp_path, model_type, steps=40, config=None, **generation):
+    """A tiny transformers model, briefly trained, saved; returns (dir, torch model, batch).
+    `config`: overrides of the tiny config (e.g. a vocabulary long enough for the folded reductions)."""
+    directory, tm = make_hf_model(tmp_path, model_type, **(config or {}))
     torch.manual_seed(0)
     torch.set_num_threads(1)  # tiny matrices: threads only add overhead on a shared CPU
     rng = np.random.default_rng(0)
@@ -125,6 +126,51 @@ def test_t5_greedy_and_beam_match_transformers(t5):
     greedy_seqs = np.asarray(decoding.generate(model, batch["input_ids"], batch["attention_mask"],
                                                max_new_tokens=MAX_NEW).sequences[:, 0])
     assert not np.array_equal(np.asarray(out.sequences[:, 0]), greedy_seqs)  # beam != greedy here
+
+
+def test_long_vocabulary_greedy_and_beam_match_transformers(tmp_path):
+    """An odd vocabulary above fold_reduce's stop (515 > 256): the folded max / sum / argmax of the
+    decoding loops give transformers' tokens and scores, with a logit processor switched on."""
+    directory, tm, batch = trained_model(tmp_path, "t5", config=dict(vocab_size=515))
+    model, c = models.load_pretrained(directory), tm.config
+    ref, _ = hf_generate(tm, batch, do_sample=False, num_beams=1, min_new_tokens=2)
+    out = decoding.generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=MAX_NEW,
+                            min_new_tokens=2)
+    assert_greedy_equal(out, ref, c.pad_token_id)
+    assert len(np.unique(ref)) > 5
+    ref, ref_scores = hf_generate(tm, batch, num_beams=3, num_return_sequences=2, early_stopping=True)
+    out = decoding.generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=MAX_NEW,
+                            num_beams=3, num_return_sequences=2, early_stopping=True)
+    assert_beams_equal(out, ref, ref_scores, 2, c.eos_token_id, c.pad_token_id)
+
+
+def test_laid_out_head_is_kept_per_weights(t5, tmp_path):
+    """generate lays out a tied LM head once per set of weights, and gives the same output."""
+    from flax import nnx
+
+    model, _, batch = t5
+    kw = dict(max_new_tokens=MAX_NEW)
+    first = decoding.laid_out_head(model)
+    assert decoding.laid_out_head(model)[0] is first[0]  # kept, not laid out again
+    np.testing.assert_array_equal(first[0], np.asarray(model.embed_tokens.embedding[...]).T)
+    out = decoding.generate(model, batch["input_ids"], batch["attention_mask"], **kw)
+    # A caller that jits generate itself passes the head in; the output is the same.
+    jitted = jax.jit(lambda state, head, ids, mask: decoding.generate(
+        nnx.merge(nnx.graphdef(model), state), ids, mask, unembedding=head, **kw).sequences)
+    np.testing.assert_array_equal(jitted(nnx.state(model), first, batch["input_ids"], batch["attention_mask"]),
+                                  out.sequences)
+    # New weights: a new layout, and generate follows them.
+    changed = nnx.clone(model)
+    changed.embed_tokens.embedding[...] = changed.embed_tokens.embedding[...] * 2.0
+    second = decoding.laid_out_head(changed)
+    np.testing.assert_array_equal(second[0], 2.0 * np.asarray(first[0]))
+    assert decoding.laid_out_head(model)[0] is not second[0]
+    # An untied head is a weight already: returned as is, nothing copied.
+    untied = models.load_pretrained(make_hf_model(tmp_path, "t5", untie_head=True)[0])
+    assert decoding.laid_out_head(untied)[0] is untied.lm_head.kernel[...]
+    with pytest.raises(ValueError, match="unembedding"):
+        decoding.generate(model, batch["input_ids"], batch["attention_mask"], mesh=sharding.make_mesh({"data": -1}),
+                          unembedding=first, **kw)
 
 
 def test_t5_beam_heuristic_early_stopping_false(t5):
