@@ -224,13 +224,12 @@ def first_argmax(x: jax.Array) -> jax.Array:
     a max, then a min over the matching indices, both `fold_reduce`d: XLA CPU runs argmax's
     (value, index) pair reduction over a 32k vocabulary ~4x slower.
 
-    NaN is tested for separately: XLA CPU's vectorized max reduction does not always propagate it.
+    The max folds all the way down (``stop=1``): XLA CPU's vectorized max *reduction* may drop a
+    NaN, its element-wise maximum propagates it, and a NaN maximum then selects the first NaN.
     """
-    nan = jnp.isnan(x)
-    any_nan = fold_reduce(nan.astype(jnp.int32), "max")[..., None] > 0
-    top = fold_reduce(x, "max")[..., None]
+    top = fold_reduce(x, "max", stop=1)[..., None]
     index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-    return fold_reduce(jnp.where(jnp.where(any_nan, nan, x == top), index, x.shape[-1]), "min")
+    return fold_reduce(jnp.where((x == top) | jnp.isnan(x), index, x.shape[-1]), "min")
 
 
 def _token_loop(tokens_to_logits, init_tokens, cache, proc: _Processing, choose) -> GenerateOutput:
@@ -860,6 +859,9 @@ def _cached_sharded_fn(model, mesh, rules, kwargs):
     """One sharded function per (model structure, mesh, rules, settings)."""
     from flax import nnx
 
+    from kd_flax import sharding as shd
+
+    mesh = shd.auto_axes(mesh)
     key = (_StaticGraph(nnx.graphdef(model)), mesh, _rules_key(rules), resolve_settings(model, **kwargs))
     fn = _SHARDED_CACHE.get(key)
     if fn is None:
@@ -886,6 +888,7 @@ def make_generate_fn(model, mesh, rules=None, **settings):
 
     if rules is None:
         rules = shd.DEFAULT_RULES
+    mesh = shd.auto_axes(mesh)
     settings = resolve_settings(model, **settings)
     graphdef, state = nnx.split(model)
     state_sh = shd.param_shardings(state, mesh, rules)

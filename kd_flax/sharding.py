@@ -121,8 +121,22 @@ def logical_to_spec(logical_axes: Sequence[str | None] | None, mesh, rules=None,
     return PartitionSpec(*spec)
 
 
+def auto_axes(mesh):
+    """`mesh` with every axis Auto (None stays None); kd_flax applies it to any mesh it is given.
+
+    kd_flax's shardings are hints that XLA completes (parameters and activations are placed and
+    constrained by logical rules, like t5x / MaxText). A mesh from plain ``jax.make_mesh`` has
+    Explicit axes, JAX's default, under which sharding-in-types refuses ops whose output
+    sharding it cannot infer, such as the embedding lookup.
+    """
+    if mesh is None or all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
 def logical_to_sharding(logical_axes, mesh, rules=None, shape=None) -> NamedSharding:
     """``NamedSharding`` for an array with the given logical axes."""
+    mesh = auto_axes(mesh)
     return NamedSharding(mesh, logical_to_spec(logical_axes, mesh, rules, shape))
 
 
@@ -155,6 +169,7 @@ def create_sharded_model(ctor, mesh, rules=None) -> nnx.Module:
     ``jax.jit``), e.g. ``lambda: T5Model(cfg, rngs=nnx.Rngs(0))``. No full copy of the
     parameters ever lives on one device.
     """
+    mesh = auto_axes(mesh)
     graphdef, abs_state = nnx.split(nnx.eval_shape(ctor))
     shardings = param_shardings(abs_state, mesh, rules)
 

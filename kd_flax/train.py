@@ -157,7 +157,9 @@ def init_train_state(params, cfg, *, seed: int = 0, mesh=None, rules=None) -> Tr
 
 
 def _replicated(mesh):
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    from kd_flax import sharding
+
+    return jax.sharding.NamedSharding(sharding.auto_axes(mesh), jax.sharding.PartitionSpec())
 
 
 def state_shardings(state: TrainState, mesh, rules) -> TrainState:
@@ -381,7 +383,9 @@ class TrainStep:
     """
 
     def __init__(self, fn, tx, *, mesh=None, rules=None):
-        self._fn, self.tx, self.mesh, self.rules = fn, tx, mesh, rules
+        from kd_flax import sharding
+
+        self._fn, self.tx, self.mesh, self.rules = fn, tx, sharding.auto_axes(mesh), rules
         self._jitted = None
         self._batch_sh = None
 

@@ -218,6 +218,10 @@ def test_sharded_generation_equals_single_device(t5):
     np.testing.assert_allclose(np.asarray(out.scores), np.asarray(single.scores), rtol=1e-5, atol=1e-6)
     assert out.sequences.sharding.spec[0] == "data"
     assert len(out.sequences.sharding.device_set) == 8
+    # A mesh from plain jax.make_mesh (Explicit axes, JAX's default) works the same.
+    explicit = jax.make_mesh((4, 2), ("data", "model"))
+    out = decoding.generate(model, batch["input_ids"], batch["attention_mask"], mesh=explicit, **kw)
+    np.testing.assert_array_equal(np.asarray(out.sequences), np.asarray(single.sequences))
     with pytest.raises(ValueError, match="divisible"):
         decoding.generate(model, batch["input_ids"][:2], batch["attention_mask"][:2], mesh=mesh,
                           rules=sharding.DEFAULT_RULES, **kw)

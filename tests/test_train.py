@@ -170,9 +170,11 @@ def test_word_level_kd_pulls_student_toward_teacher():
 # ---------------------------------------------------------------------------- exactness
 
 
-def test_sharded_step_equals_single_device():
+@pytest.mark.parametrize("explicit", [False, True])
+def test_sharded_step_equals_single_device(explicit):
     """mesh data=4 × model=2 on the 8 fake devices: same params after one step (with KD and
-    hidden/attention terms through the layer map)."""
+    hidden/attention terms through the layer map). `explicit`: the mesh comes from plain
+    `jax.make_mesh`, whose axes are Explicit (kd_flax makes them Auto)."""
     assert jax.device_count() == 8
     teacher = tiny(2, 0)
     student, info = S.make_student(teacher, 1, 1, layer_map={"encoder": [1], "decoder": [1]})
@@ -184,7 +186,8 @@ def test_sharded_step_equals_single_device():
     single = T.make_train_step(student, cfg, teacher=teacher, layer_map=info)
     s1, m1 = single(T.init_train_state(params_of(student), cfg), b, tp)
 
-    mesh = sharding.make_mesh({"data": 4, "fsdp": 1, "model": 2})
+    mesh = (jax.make_mesh((4, 1, 2), ("data", "fsdp", "model")) if explicit
+            else sharding.make_mesh({"data": 4, "fsdp": 1, "model": 2}))
     rules = sharding.DEFAULT_RULES
     sharded = T.make_train_step(student, cfg, teacher=teacher, layer_map=info, mesh=mesh, rules=rules)
     tp_sh = jax.device_put(tp, sharding.param_shardings(tp, mesh, rules))
