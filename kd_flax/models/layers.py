@@ -7,7 +7,8 @@ shard eagerly with the *logical* names as if they were mesh axes.
 
 Attention keeps its KV cache as an explicit pytree passed in and returned, so decoding
 loops can be written functionally (beam search reorders the cache on axis 0). Cache leaves
-are heads-major ``[B, H, L, Dh]`` so the per-step attention dots need no transposes.
+are heads-major, values ``[B, H, L, Dh]`` and keys transposed ``[B, H, Dh, L]``, so the per-step
+attention dots need no transposes.
 """
 
 from __future__ import annotations
@@ -181,8 +182,12 @@ def relative_position_bucket(relative_position: Array, *, bidirectional: bool, n
 
 NEG_INF = float(np.finfo(np.float32).min)
 
-# Logical axes of a K/V cache leaf [B, H, L, Dh]: heads-major, batch first (the cache contract).
+# Logical axes of a value cache leaf [B, H, L, Dh]: heads-major, batch first (the cache contract).
 KV_CACHE_AXES = ("cache_batch", "heads", "length", "kv")
+# Cached keys are stored transposed, [B, H, Dh, L]: the decoding step's q.K dot is then a plain
+# [1, Dh] x [Dh, L] product per (batch, head), which XLA CPU runs ~25 % faster than contracting
+# both operands' minor axis (12 attentions of a T5-small greedy step: 2.8 -> 2.1 ms).
+K_CACHE_AXES = ("cache_batch", "heads", "kv", "length")
 
 
 class MultiHeadAttention(nnx.Module):
@@ -213,21 +218,28 @@ class MultiHeadAttention(nnx.Module):
         x = x.reshape(x.shape[:-1] + (self.num_heads, self.head_dim))
         return jnp.swapaxes(x, 1, 2)
 
-    def project_kv(self, x: Array) -> dict:
-        """Keys/values ``{'k','v'}`` [B, H, S, Dh] of ``x`` (cross-attention cache)."""
+    def _keys_values(self, x: Array) -> tuple[Array, Array]:
+        """Keys and values of ``x``, both [B, H, S, Dh]."""
         k = _sharding.constrain(self._split(self.k_proj(x)), KV_CACHE_AXES)
         v = _sharding.constrain(self._split(self.v_proj(x)), KV_CACHE_AXES)
-        return {"k": k, "v": v}
+        return k, v
+
+    def project_kv(self, x: Array) -> dict:
+        """Cross-attention cache of ``x``: ``{'k'}`` [B, H, Dh, S] (keys transposed, see
+        ``K_CACHE_AXES``) and ``{'v'}`` [B, H, S, Dh]."""
+        k, v = self._keys_values(x)
+        return {"k": _sharding.constrain(jnp.swapaxes(k, 2, 3), K_CACHE_AXES), "v": v}
 
     def __call__(self, x: Array, kv_input: Array | None = None, *, kv: dict | None = None,
                  mask: Array | None = None, bias: Array | None = None, cache: dict | None = None,
                  cache_index: Array | None = None, output_attentions: bool = False):
         """Attend from ``x`` [B, T, D].
 
-        Keys/values come from ``kv`` (precomputed ``{'k','v'}`` [B, H, S, Dh]), else from
+        Keys/values come from ``kv`` (precomputed by :meth:`project_kv`), else from
         ``kv_input`` (cross-attention), else from ``x`` (self-attention). With ``cache``
-        (self-attention cache ``{'k','v'}`` [B, H, L, Dh]) the new keys/values are written at
-        ``cache_index`` and the query attends over the whole cache.
+        (self-attention cache of :func:`init_kv_cache`) the new keys/values are written at
+        ``cache_index`` and the query attends over the whole cache. Cached keys are transposed,
+        [B, H, Dh, L]; values are [B, H, L, Dh].
         ``mask``: bool, broadcastable to [B, H, T, S], True = may attend.
         ``bias``: additive float, broadcastable to [B, H, T, S] (T5 position bias).
         Returns ``(out [B, T, D], new_cache or None, weights [B, H, T, S] float32 or None)``.
@@ -237,16 +249,19 @@ class MultiHeadAttention(nnx.Module):
         With a [B, L, H, Dh] cache it transposed every cached K/V on every decoding step.
         """
         q = self._split(self.q_proj(x))
-        if kv is None:
-            kv = self.project_kv(x if kv_input is None else kv_input)
-        k, v = kv["k"], kv["v"]
         new_cache = None
-        if cache is not None:
-            idx = jnp.asarray(cache_index, jnp.int32)
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, idx, 0))
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, idx, 0))
-            new_cache = {"k": k, "v": v}
-        scores = jnp.einsum("bhtd,bhsd->bhts", q.astype(self.dtype), k.astype(self.dtype),
+        if kv is not None:  # cache layout: keys transposed
+            k, v, keys = kv["k"], kv["v"], "bhds"
+        else:
+            k, v = self._keys_values(x if kv_input is None else kv_input)
+            keys = "bhsd"
+            if cache is not None:
+                idx = jnp.asarray(cache_index, jnp.int32)
+                k = jax.lax.dynamic_update_slice(cache["k"], jnp.swapaxes(k, 2, 3).astype(cache["k"].dtype),
+                                                 (0, 0, 0, idx))
+                v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, idx, 0))
+                new_cache, keys = {"k": k, "v": v}, "bhds"
+        scores = jnp.einsum(f"bhtd,{keys}->bhts", q.astype(self.dtype), k.astype(self.dtype),
                             preferred_element_type=jnp.float32)
         if self.qk_scale != 1.0:
             scores = scores * self.qk_scale
@@ -263,15 +278,16 @@ class MultiHeadAttention(nnx.Module):
 
 
 def init_kv_cache(batch_size: int, max_length: int, num_heads: int, head_dim: int, dtype) -> dict:
-    """Empty self-attention cache ``{'k','v'}`` [B, H, L, Dh] (heads-major, batch first)."""
-    shape = (batch_size, num_heads, max_length, head_dim)
-    return {"k": _sharding.constrain(jnp.zeros(shape, dtype), KV_CACHE_AXES),
-            "v": _sharding.constrain(jnp.zeros(shape, dtype), KV_CACHE_AXES)}
+    """Empty self-attention cache: keys ``{'k'}`` [B, H, Dh, L] (transposed, see
+    ``K_CACHE_AXES``), values ``{'v'}`` [B, H, L, Dh] (heads-major, batch first)."""
+    keys, values = (batch_size, num_heads, head_dim, max_length), (batch_size, num_heads, max_length, head_dim)
+    return {"k": _sharding.constrain(jnp.zeros(keys, dtype), K_CACHE_AXES),
+            "v": _sharding.constrain(jnp.zeros(values, dtype), KV_CACHE_AXES)}
 
 
 def kv_cache_length(kv: dict, *, stacked: bool = False) -> int:
-    """Key length L of a ``{'k','v'}`` cache [B, H, L, Dh] (``stacked``: [B, layers, H, L, Dh])."""
-    return kv["k"].shape[3 if stacked else 2]
+    """Key length L of a ``{'k','v'}`` cache (values [B, H, L, Dh]; ``stacked``: [B, layers, H, L, Dh])."""
+    return kv["v"].shape[3 if stacked else 2]
 
 
 # ----------------------------------------------------------------------------- masks
