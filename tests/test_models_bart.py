@@ -185,7 +185,7 @@ def test_scan_and_remat_match_unscanned():
     # cached decoding in scanned mode: leaves stay batch-first, heads-major ([B, layers, H, L, Dh])
     inc, cache = _incremental(model, b, 6)
     assert cache["layers"]["self"]["v"].shape[:4] == (3, cfg.decoder_layers, cfg.decoder_attention_heads, 6)
-    assert cache["layers"]["self"]["k"].shape[-1] == 6  # keys transposed: [B, layers, H, Dh, L]
+    assert cache["layers"]["cross"]["k"].shape[-1] == b["input_ids"].shape[1]  # cross keys: [B, layers, H, Dh, S]
     assert rel_err(inc, want, b["decoder_attention_mask"]) < TOL
 
 

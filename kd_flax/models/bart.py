@@ -288,7 +288,7 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, enc, self_mask, cross_mask, cache=None, index=None,
                  output_attentions=False):
-        """`cache`: this layer's `{"self": {k [B, H, Dh, L], v [B, H, L, Dh]}, "cross": {k, v}}` or None
+        """`cache`: this layer's `{"self": {k, v} [B, H, L, Dh], "cross": {k, v}}` or None
         (then cross K/V are projected from `enc`). Returns (x, new cache, probs, cross probs)."""
         h = self.self_attn_layer_norm(x) if self.pre_ln else x
         h, new_self, probs = self.self_attn(
@@ -465,9 +465,9 @@ class BartModel(layers.GenerationConfigMixin, nnx.Module):
 
     # -- decoder --
     def init_cache(self, batch_size: int, max_length: int, encoder_out, attention_mask=None):
-        """Decoding cache: self-attention K/V per layer (zeros; values [B, H, max_length, Dh], keys
-        transposed [B, H, Dh, max_length]) and the cross-attention K/V of `encoder_out`, computed
-        once. Leaves are batch-first; with `scan_layers` they are stacked on axis 1."""
+        """Decoding cache: self-attention K/V [B, H, max_length, Dh] per layer (zeros) and the
+        cross-attention K/V of `encoder_out` (keys transposed, [B, H, Dh, S]), computed once.
+        Leaves are batch-first; with `scan_layers` they are stacked on axis 1."""
         del attention_mask  # the encoder mask is passed to every `decode` call instead
         c = self.config
         self._check_length(max_length, "init_cache max_length")

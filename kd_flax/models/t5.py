@@ -294,8 +294,8 @@ class T5Model(L.GenerationConfigMixin, nnx.Module):
         """Self-attention K/V buffers of ``max_length`` and cross-attention K/V computed once.
 
         ``{'index': int32 scalar, 'layers': per-layer {'self': {'k','v'}, 'cross': {'k','v'}}}``
-        with heads-major leaves, values [B, H, L, Dh] and keys transposed [B, H, Dh, L] (a list per
-        layer; with ``scan_layers`` one dict whose leaves are stacked on axis 1: [B, n_layers, ...]).
+        with heads-major leaves [B, H, L, Dh], cross-attention keys transposed [B, H, Dh, S] (a list
+        per layer; with ``scan_layers`` one dict whose leaves are stacked on axis 1: [B, n_layers, ...]).
         """
         del attention_mask  # the encoder mask is passed to every decode call
         enc = _hidden(encoder_out)
