@@ -299,14 +299,12 @@ class GenerateStep:
             graphdef, state = nnx.split(model)
         else:  # a plain pytree model (tests)
             graphdef, state = None, model
-        from kd_flax import sharding
+        from kd_flax import decoding, sharding
 
         mesh = sharding.auto_axes(mesh)
         self.state, self.mesh = state, mesh
         # kd_flax's generate, run inside this jit, would lay out a tied LM head again for every
         # batch (a transpose of the embedding, 4 % of a T5-small batch on CPU): done once here.
-        from kd_flax import decoding
-
         self.head = None
         if generate_fn is decoding.generate and graphdef is not None and mesh is None:
             self.head = decoding.laid_out_head(model, state)
