@@ -38,6 +38,16 @@ def test_make_mesh_and_rule_resolution():
     assert S.batch_sharding(mesh).spec == P(("data", "fsdp"), None)
 
 
+def test_auto_axes_makes_any_mesh_auto():
+    explicit = jax.make_mesh((4, 2), ("data", "model"))  # JAX's default axis types: Explicit
+    assert all(t == jax.sharding.AxisType.Explicit for t in explicit.axis_types)
+    auto = S.auto_axes(explicit)
+    assert all(t == jax.sharding.AxisType.Auto for t in auto.axis_types)
+    assert auto.axis_names == explicit.axis_names and (auto.devices == explicit.devices).all()
+    assert S.auto_axes(auto) is auto and S.auto_axes(None) is None
+    assert S.batch_sharding(explicit).mesh == auto  # every sharding kd_flax builds is on the Auto mesh
+
+
 @pytest.mark.parametrize("mesh_name,scan", [("data4_model2", False), ("fsdp", True)])
 def test_every_param_resolves_and_is_created_sharded(mesh_name, scan):
     mesh = S.make_mesh(MESHES[mesh_name])
