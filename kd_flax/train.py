@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from kd_flax import losses
+from kd_flax import losses, sharding
 
 log = logging.getLogger(__name__)
 
@@ -157,16 +157,12 @@ def init_train_state(params, cfg, *, seed: int = 0, mesh=None, rules=None) -> Tr
 
 
 def _replicated(mesh):
-    from kd_flax import sharding
-
     return jax.sharding.NamedSharding(sharding.auto_axes(mesh), jax.sharding.PartitionSpec())
 
 
 def state_shardings(state: TrainState, mesh, rules) -> TrainState:
     """Params by the logical rules; optimizer leaves shaped like a param follow that param
     (matched by path suffix, so Adam's mu/nu shard like the weights); the rest replicated."""
-    from kd_flax import sharding
-
     p_sh = sharding.param_shardings(state.params, mesh, rules)
     by_path = {}
     for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(state.params)[0],
@@ -383,15 +379,11 @@ class TrainStep:
     """
 
     def __init__(self, fn, tx, *, mesh=None, rules=None):
-        from kd_flax import sharding
-
         self._fn, self.tx, self.mesh, self.rules = fn, tx, sharding.auto_axes(mesh), rules
         self._jitted = None
         self._batch_sh = None
 
     def _build(self, state, teacher_params):
-        from kd_flax import sharding
-
         if self.mesh is None:
             self._jitted = jax.jit(self._fn, donate_argnums=(0,), compiler_options=sharding.compiler_options())
             return
@@ -501,7 +493,6 @@ def make_eval_step(student_graphdef, *, quant_rules=None):
             params = quant.quantize_params(params, quant_rules)
         logits, _, _ = _forward(_merge(graph, params), batch, hidden=False, attn=False)
         return losses.cross_entropy(logits, batch["labels"], batch["decoder_attention_mask"].astype(jnp.float32))
-    from kd_flax import sharding
     return jax.jit(f, compiler_options=sharding.compiler_options())
 
 
@@ -723,7 +714,6 @@ def _mesh_and_rules(config):
     """The config's mesh when there is more than one device, else (None, None)."""
     if jax.device_count() == 1:
         return None, None
-    from kd_flax import sharding
     rules = tuple(tuple(r) for r in config.mesh.rules)
     return sharding.make_mesh(dict(config.mesh.axes)), rules
 
@@ -812,8 +802,6 @@ def _train_stage(model, tokenizer, train_examples, dev, config, tcfg, stage_dir,
                  info=None, quant_rules=None, steps=None, log=print):
     """Train `model` in place on `train_examples` with train block `tcfg`; returns (result, params)."""
     import ml_collections
-    from kd_flax import sharding
-
     mesh, rules = _mesh_and_rules(config)
     if steps is not None:
         tcfg = ml_collections.ConfigDict(tcfg.to_dict() if hasattr(tcfg, "to_dict") else dict(tcfg))
