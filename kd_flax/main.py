@@ -140,14 +140,14 @@ def _sync(name: str) -> None:
 
 def _stage_fn(stage: str) -> Callable[[Any, str], Any]:
     if stage == "finetune":
-        from kd_flax import train
-        return train.run_finetune
+        from kd_flax import stages
+        return stages.run_finetune
     if stage == "generate":
-        from kd_flax import generate
-        return generate.run
+        from kd_flax import pseudo_labels
+        return pseudo_labels.run
     if stage == "distill":
-        from kd_flax import train
-        return train.run_distill
+        from kd_flax import stages
+        return stages.run_distill
     if stage == "evaluate":
         from kd_flax import evaluate
         return evaluate.run

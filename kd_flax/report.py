@@ -1,5 +1,7 @@
-"""The pipeline's closing report: one table over the teacher and every student variant,
-`WORKDIR/report.md` and a PNG plot of BLEU against model size (`WORKDIR/report.png`).
+"""Tables and reports: GitHub markdown tables (`format_table`), the evaluate stage's
+`report.md` (`report_markdown`), and the pipeline's closing report: one table over the teacher
+and every student variant, `WORKDIR/report.md` and a PNG plot of BLEU against model size
+(`WORKDIR/report.png`).
 
 Sizes: a float model counts 4 bytes a parameter; a quantized student counts the real byte
 size of its integer export (`export/summary.json`), which is what would ship.
@@ -9,8 +11,104 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any, Mapping, Sequence
 
-from kd_flax import evaluate, io_utils
+from kd_flax import io_utils
+from kd_flax.metrics import Stats, format_mean_std
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, Stats):
+        return format_mean_std(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "–"
+        return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
+                 *, align: Mapping[str, str] | None = None) -> str:
+    """Rows of dicts → a GitHub markdown table (columns: given, else the keys in first-seen order).
+
+    Floats print with 1 decimal (≥ 10) or 3 significant digits, `Stats` as "mean ± std", None
+    as an empty cell, `|` is escaped. `align` maps a column to "left"/"right"/"center"
+    (default: right for numbers, left otherwise).
+    """
+    if not rows:
+        raise ValueError("rows: empty; need at least one row to format a table")
+    if columns is None:
+        columns = []
+        for row in rows:
+            columns += [k for k in row if k not in columns]
+    align = dict(align or {})
+    for col, how in align.items():
+        if how not in ("left", "right", "center"):
+            raise ValueError(f"align[{col!r}]: {how!r} is not allowed; allowed: left, right, center")
+    body = [[_cell(row.get(c)) for c in columns] for row in rows]
+    header = [str(c) for c in columns]
+    widths = [max(len(header[j]), *(len(r[j]) for r in body)) for j in range(len(columns))]
+
+    def numeric(j):
+        vals = [row.get(columns[j]) for row in rows if row.get(columns[j]) is not None]
+        return bool(vals) and all(isinstance(v, (int, float, Stats)) and not isinstance(v, bool) for v in vals)
+
+    seps = []
+    for j, c in enumerate(columns):
+        how = align.get(c, "right" if numeric(j) else "left")
+        w = max(widths[j], 3)
+        seps.append({"left": ":" + "-" * (w - 1), "right": "-" * (w - 1) + ":",
+                     "center": ":" + "-" * (w - 2) + ":"}[how])
+        widths[j] = w
+    lines = ["| " + " | ".join(h.ljust(widths[j]) for j, h in enumerate(header)) + " |",
+             "| " + " | ".join(seps) + " |"]
+    for r in body:
+        lines.append("| " + " | ".join(v.ljust(widths[j]) for j, v in enumerate(r)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+
+
+def results_rows(results: Mapping[str, Any], name_prefix: str = "") -> list[dict[str, Any]]:
+    """Table rows (model, parameters, size MB, BLEU mean ± std, chrF, sentences/s) from results."""
+    rows = []
+    for mname, r in results["models"].items():
+        rows.append({
+            "model": name_prefix + mname,
+            "parameters": f"{r['parameters']:,}",
+            "size (MB)": r["size_mb"],
+            "BLEU": Stats(r["bleu"]["mean"], _nan(r["bleu"]["std"]), len(r["bleu"]["per_split"])),
+            "chrF": Stats(r["chrf"]["mean"], _nan(r["chrf"]["std"]), len(r["chrf"]["per_split"])),
+            "sentences/s": _nan(r["speed"]["sentences_per_s"]),
+        })
+    return rows
+
+
+def _nan(v):
+    return float("nan") if v is None else float(v)
+
+
+def report_markdown(results: Mapping[str, Any]) -> str:
+    """The stage's report.md: table, per-split scores, sacreBLEU signatures."""
+    n = len(results["splits"])
+    lines = [f"# Evaluation\n\nBLEU and chrF (sacreBLEU, corpus level) as mean ± sample std "
+             f"(ddof=1) over {n} test split{'s' if n != 1 else ''}: {', '.join(results['splits'])}. "
+             f"Decoding: num_beams={results['settings']['num_beams']}, "
+             f"max_new_tokens={results['settings']['max_new_tokens']}. Sentences/s exclude the first "
+             f"(compiling) batch of each shape.\n",
+             format_table(results_rows(results)), "\n## Per split (BLEU / chrF)\n"]
+    split_rows = []
+    for mname, r in results["models"].items():
+        row = {"model": mname}
+        for s in results["splits"]:
+            row[s] = f"{r['splits'][s]['bleu']:.1f} / {r['splits'][s]['chrf']:.1f}"
+        split_rows.append(row)
+    lines.append(format_table(split_rows))
+    sigs = {sig for r in results["models"].values() for sig in r["signatures"].values()}
+    lines.append("\nsacreBLEU signatures:\n\n" + "".join(f"- `{s}`\n" for s in sorted(sigs)))
+    return "\n".join(lines)
 
 
 def _rows(workdir: str) -> list[dict]:
@@ -52,10 +150,7 @@ def _summary(d: str) -> dict | None:
 
 
 def _mean_std(m: dict) -> str:
-    std = m.get("std")
-    if std is None or (isinstance(std, float) and math.isnan(std)):
-        return f"{m['mean']:.1f}"
-    return f"{m['mean']:.1f} ± {std:.1f}"
+    return format_mean_std(Stats(m["mean"], _nan(m.get("std")), 0))
 
 
 def write_report(config, workdir: str) -> str:
@@ -63,7 +158,7 @@ def write_report(config, workdir: str) -> str:
     if not rows:
         return ""
     columns = ["model", "parameters", "size (MB)", "weights", "BLEU", "chrF", "sentences/s"]
-    table = evaluate.format_table([{k: r[k] for k in columns} for r in rows], columns)
+    table = format_table([{k: r[k] for k in columns} for r in rows], columns)
     n_splits = len(config.data.test)
     text = (f"# {config.name}: results\n\n"
             f"BLEU and chrF: sacreBLEU, mean ± sample std over {n_splits} test split(s)"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any, Sequence
 
@@ -22,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+log = logging.getLogger(__name__)
 
 STACKS = ("encoder", "decoder")
 
@@ -285,3 +288,45 @@ def load_layer_map(model_dir: str) -> StudentInfo | None:
     with open(path, encoding="utf-8") as f:
         d = json.load(f).get(LAYER_MAP_KEY)
     return None if d is None else StudentInfo.from_dict(d)
+
+
+# ---------------------------------------------------------------------------
+# The student a config asks for
+# ---------------------------------------------------------------------------
+
+# Model-config fields that change how a model runs, not what it is (safe over any checkpoint).
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "act_quant_bits")
+
+
+def build_student(config, teacher, teacher_tokenizer, *, overrides=None):
+    """The student the config asks for → `(model, tokenizer, StudentInfo)`."""
+    from kd_flax import models
+    sc = config.student
+    over = dict(sc.model.to_dict() if hasattr(sc.model, "to_dict") else sc.model)
+    over.update(overrides or {})
+    if int(sc.quant.get("act_bits", 0) or 0):
+        over["act_quant_bits"] = int(sc.quant.act_bits)
+    lm = sc.layer_map.to_dict() if hasattr(sc.layer_map, "to_dict") else dict(sc.layer_map or {})
+    if sc.init == "layer_copy":
+        model, info = make_student(teacher, sc.encoder_layers or None, sc.decoder_layers or None,
+                                               layer_map=lm, overrides=over, seed=int(config.seed))
+        return model, teacher_tokenizer, info
+    if sc.init == "pretrained":
+        # The checkpoint defines the architecture; of `student.model` only the runtime fields
+        # apply (a recipe's scratch-student shape must not break a switch to a checkpoint).
+        ignored = sorted(k for k in over if k not in _RUNTIME_FIELDS)
+        if ignored:
+            log.warning("student.init='pretrained': student.model keys %s ignored (the checkpoint %s "
+                        "defines the architecture)", ignored, sc.path)
+        model = models.load_pretrained(sc.path, **{k: v for k, v in over.items() if k in _RUNTIME_FIELDS})
+        return model, models.load_tokenizer(sc.path), StudentInfo("pretrained")
+    if sc.init == "scratch":
+        layers = {k: v for k, v in (("encoder_layers", sc.encoder_layers), ("decoder_layers", sc.decoder_layers)) if v}
+        if "model_type" in over:  # an HF-style config of any family; ids from the tokenizer
+            fields = {k: over.pop(k) for k in list(over) if k in ("dtype", "remat", "act_quant_bits")}
+            cfg = models.config_from_dict(over, teacher_tokenizer, **fields).replace(**layers)
+        else:  # the teacher's architecture with some fields changed
+            cfg = teacher.config.replace(**over, **layers)
+        model, info = scratch_student(cfg, seed=int(config.seed))
+        return model, teacher_tokenizer, info
+    raise ValueError(f"student.init: {sc.init!r} is not allowed; allowed: layer_copy, scratch, pretrained")

@@ -13,7 +13,7 @@ import sacrebleu
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kd_flax import config_base, evaluate
+from kd_flax import config_base, evaluate, metrics, report
 
 HYPS = ["the cat sat on the mat", "a dog runs in the park", "hello world", "it is raining today"]
 REFS_A = ["the cat is on the mat", "a dog is running in the park", "hello world !", "it rains today"]
@@ -21,8 +21,8 @@ REFS_B = ["there is a cat on the mat", "the dog runs in a park", "hello , world"
 
 
 def test_bleu_chrf_single_reference_equal_sacrebleu():
-    b = evaluate.corpus_bleu(HYPS, [REFS_A])
-    c = evaluate.corpus_chrf(HYPS, [REFS_A])
+    b = metrics.corpus_bleu(HYPS, [REFS_A])
+    c = metrics.corpus_chrf(HYPS, [REFS_A])
     assert b.score == pytest.approx(sacrebleu.corpus_bleu(HYPS, [REFS_A]).score, abs=1e-9)
     assert c.score == pytest.approx(sacrebleu.corpus_chrf(HYPS, [REFS_A]).score, abs=1e-9)
     assert b.signature.startswith("nrefs:1|") and "tok:13a" in b.signature
@@ -31,20 +31,20 @@ def test_bleu_chrf_single_reference_equal_sacrebleu():
 
 
 def test_bleu_chrf_multi_reference_equal_sacrebleu():
-    b = evaluate.corpus_bleu(HYPS, [REFS_A, REFS_B])
-    c = evaluate.corpus_chrf(HYPS, [REFS_A, REFS_B])
+    b = metrics.corpus_bleu(HYPS, [REFS_A, REFS_B])
+    c = metrics.corpus_chrf(HYPS, [REFS_A, REFS_B])
     assert b.score == pytest.approx(sacrebleu.corpus_bleu(HYPS, [REFS_A, REFS_B]).score, abs=1e-9)
     assert c.score == pytest.approx(sacrebleu.corpus_chrf(HYPS, [REFS_A, REFS_B]).score, abs=1e-9)
     assert "nrefs:2" in b.signature
     # A second reference can only add matching n-grams here.
-    assert b.score > evaluate.corpus_bleu(HYPS, [REFS_A]).score
+    assert b.score > metrics.corpus_bleu(HYPS, [REFS_A]).score
 
 
 def test_references_from_examples_variable_count():
     per_sentence = [[REFS_A[0], REFS_B[0]], REFS_A[1], [REFS_A[2]], [REFS_A[3], REFS_B[3]]]
-    streams = evaluate.references_from_examples(per_sentence)
+    streams = metrics.references_from_examples(per_sentence)
     assert streams == [REFS_A, [REFS_B[0], None, None, REFS_B[3]]]
-    b = evaluate.corpus_bleu(HYPS, streams)
+    b = metrics.corpus_bleu(HYPS, streams)
     ref = sacrebleu.metrics.BLEU().corpus_score(HYPS, streams)
     assert b.score == pytest.approx(ref.score, abs=1e-9)
     assert "nrefs:var" in b.signature
@@ -52,40 +52,40 @@ def test_references_from_examples_variable_count():
 
 def test_metric_input_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"references\[0\]: has 3 sentences"):
-        evaluate.corpus_bleu(HYPS, [REFS_A[:3]])
+        metrics.corpus_bleu(HYPS, [REFS_A[:3]])
     with pytest.raises(ValueError, match=r"references\[0\]: is a string"):
-        evaluate.corpus_chrf(HYPS, REFS_A)
+        metrics.corpus_chrf(HYPS, REFS_A)
     with pytest.raises(ValueError, match="hypotheses: empty"):
-        evaluate.corpus_bleu([], [[]])
+        metrics.corpus_bleu([], [[]])
     with pytest.raises(ValueError, match=r"refs_per_sentence\[1\]"):
-        evaluate.references_from_examples(["a", []])
+        metrics.references_from_examples(["a", []])
 
 
 @settings(max_examples=20, deadline=None)
 @given(st.lists(st.floats(0, 100, allow_nan=False), min_size=2, max_size=8))
 def test_split_stats_equal_numpy(scores):
-    s = evaluate.split_stats(scores)
+    s = metrics.split_stats(scores)
     assert s.n == len(scores)
     assert s.mean == pytest.approx(float(np.mean(np.float64(scores))), abs=1e-9)
     assert s.std == pytest.approx(float(np.std(np.float64(scores), ddof=1)), abs=1e-9)
 
 
 def test_split_stats_single_and_bad():
-    s = evaluate.split_stats([31.5])
+    s = metrics.split_stats([31.5])
     assert s.mean == 31.5 and math.isnan(s.std) and str(s) == "31.5"
-    assert str(evaluate.split_stats([30.0, 32.0])) == "31.0 ± 1.4"
+    assert str(metrics.split_stats([30.0, 32.0])) == "31.0 ± 1.4"
     with pytest.raises(ValueError, match="scores"):
-        evaluate.split_stats([])
+        metrics.split_stats([])
     with pytest.raises(ValueError, match="finite"):
-        evaluate.split_stats([1.0, float("nan")])
+        metrics.split_stats([1.0, float("nan")])
 
 
 def test_format_table():
-    rows = [{"model": "teacher", "parameters": "1,234", "BLEU": evaluate.Stats(31.25, 1.04, 5),
+    rows = [{"model": "teacher", "parameters": "1,234", "BLEU": metrics.Stats(31.25, 1.04, 5),
              "sentences/s": 1234.5},
-            {"model": "student|w8", "parameters": "321", "BLEU": evaluate.Stats(29.0, float("nan"), 1),
+            {"model": "student|w8", "parameters": "321", "BLEU": metrics.Stats(29.0, float("nan"), 1),
              "sentences/s": 2.5, "extra": None}]
-    table = evaluate.format_table(rows)
+    table = report.format_table(rows)
     lines = table.strip().split("\n")
     assert len(lines) == 4
     assert [c.strip() for c in lines[0].strip("|").split("|")] == \
@@ -97,15 +97,15 @@ def test_format_table():
     assert "student\\|w8" in lines[3] and "29.0" in lines[3] and "2.5" in lines[3]
     # All rows have the same number of cells (valid markdown).
     assert len({ln.count(" | ") for ln in lines}) == 1
-    assert evaluate.format_table(rows, columns=["model"]).count("\n") == 4
+    assert report.format_table(rows, columns=["model"]).count("\n") == 4
     with pytest.raises(ValueError, match="rows"):
-        evaluate.format_table([])
+        report.format_table([])
     with pytest.raises(ValueError, match=r"align\['model'\]"):
-        evaluate.format_table(rows, align={"model": "middle"})
+        report.format_table(rows, align={"model": "middle"})
 
 
 def test_speed_meter_leaves_out_compiling_batches():
-    m = evaluate.SpeedMeter()
+    m = metrics.SpeedMeter()
     m.add(10, 100, 5.0, first_call=True)
     assert m.includes_compile and m.sentences_per_s == pytest.approx(2.0)
     m.add(10, 100, 0.5)
@@ -175,7 +175,7 @@ def reverse_generate(calls):
 def test_translate_buckets_restores_order_and_counts_tokens():
     calls = []
     sources = ["abc", "hello world", "xy", "a much longer sentence here", "q", "mnop"]
-    meter = evaluate.SpeedMeter()
+    meter = metrics.SpeedMeter()
     model = SimpleNamespace(config=SimpleNamespace(pad_token_id=0, eos_token_id=1))
     out = evaluate.translate(model, CharTokenizer(), sources, batch_size=2, num_beams=3, max_new_tokens=40,
                              bucket_boundaries=(8, 16, 32), meter=meter, generate_fn=reverse_generate(calls))

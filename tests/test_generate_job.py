@@ -1,4 +1,4 @@
-"""The pseudo-label job (kd_flax.generate): output, resume after crashes, refusal, SeqInter,
+"""The pseudo-label job (kd_flax.pseudo_labels): output, resume after crashes, refusal, SeqInter,
 filters, multi-host slices, compilations per bucket.
 
 Most tests use a fake teacher whose outputs are known in closed form (candidate r copies the
@@ -21,7 +21,7 @@ import pytest
 import sacrebleu
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from kd_flax import generate as G
+from kd_flax import pseudo_labels as G
 from kd_flax import io_utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

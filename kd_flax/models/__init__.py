@@ -42,5 +42,19 @@ def tiny_config(model_type: str, **overrides):
     return hf.get_family(model_type).tiny_config(model_type, **overrides)
 
 
+def config_from_dict(model_dict: dict, tokenizer, **extra):
+    """A family config from an HF-style dict (`model_type` + fields); ids from the tokenizer."""
+    d = dict(model_dict)
+    if "model_type" not in d:
+        raise ValueError(f"model config: missing 'model_type'; allowed: {hf.registered_model_types()}")
+    if not d.get("vocab_size"):  # 0/None = the tokenizer's size
+        d["vocab_size"] = len(tokenizer)
+    for key, tok_attr in (("pad_token_id", "pad_token_id"), ("eos_token_id", "eos_token_id")):
+        if getattr(tokenizer, tok_attr, None) is not None:
+            d.setdefault(key, getattr(tokenizer, tok_attr))
+    d.setdefault("decoder_start_token_id", d.get("pad_token_id", 0))
+    return hf.get_family(d["model_type"]).config_cls.from_hf(d).replace(**extra)
+
+
 __all__ = ["T5Config", "T5Model", "load_pretrained", "save_pretrained", "create_model",
-           "tiny_config", "train_tokenizer", "load_tokenizer", "hf"]
+           "tiny_config", "config_from_dict", "train_tokenizer", "load_tokenizer", "hf"]

@@ -1,0 +1,255 @@
+"""Stage plumbing: `finetune` (the teacher on gold pairs) and `distill` (the student on
+pseudo-labels and/or gold, one sub-stage per `distill.stages` entry).
+
+`kd_flax.train` holds the state, optimizer, step, loop and checkpoints; this module turns a
+config and a workdir into calls of it: which model, which data, which teacher, which rules.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kd_flax import sharding
+from kd_flax.train import (_get, init_train_state, load_best_params, make_eval_step, make_train_step,
+                           model_batch, split_model, train, LossSpec, _merge)
+
+log = logging.getLogger(__name__)
+
+
+def _mesh_and_rules(config):
+    """The config's mesh when there is more than one device, else (None, None)."""
+    if jax.device_count() == 1:
+        return None, None
+    rules = tuple(tuple(r) for r in config.mesh.rules)
+    return sharding.make_mesh(dict(config.mesh.axes)), rules
+
+
+def _train_overrides(tcfg) -> dict:
+    """Model-config fields the train block controls (compute dtype, remat)."""
+    out = {"dtype": _get(tcfg, "dtype", "float32")}
+    if _get(tcfg, "remat", False):
+        out["remat"] = _get(tcfg, "remat")
+    return out
+
+
+def _tokenized(examples, tokenizer, config):
+    from kd_flax import data as data_lib
+    return data_lib.tokenize_examples(examples, tokenizer, max_source_length=config.data.max_source_length,
+                                      max_target_length=config.data.max_target_length,
+                                      source_prefix=config.data.source_prefix)
+
+
+def _batch_fn(examples, model_config, tcfg, config):
+    from kd_flax import data as data_lib
+    per_step = int(tcfg.batch_size) * int(_get(tcfg, "grad_accum", 1) or 1)
+
+    def make(start_step: int):
+        return data_lib.batches(examples, per_step, int(config.seed), start_step,
+                                pad_id=model_config.pad_token_id, eos_id=model_config.eos_token_id,
+                                decoder_start_id=model_config.decoder_start_token_id,
+                                bucket_boundaries=tuple(config.data.bucket_boundaries),
+                                max_source_length=config.data.max_source_length,
+                                max_target_length=config.data.max_target_length)
+    return make
+
+
+def _evaluator(graph, tokenizer, dev, config, tcfg, *, quant_rules=None, mesh=None, rules=None):
+    """`params -> {"loss", "bleu", "chrf"}` on the dev set (loss on all of it, decoding on
+    the first `eval_max_examples` sentences)."""
+    from kd_flax import data as data_lib, evaluate as ev, metrics
+
+    if not dev:
+        return None
+    eval_step = make_eval_step(graph, quant_rules=quant_rules)
+    n_dec = int(_get(tcfg, "eval_max_examples", 200) or len(dev))
+    dec = dev[:n_dec]
+    refs = metrics.references_from_examples([list(e.refs) if e.refs else e.ref for e in dec])
+
+    def run(params):
+        model = _merge(graph, params)
+        c = model.config
+        s, n = 0.0, 0.0
+        for b in data_lib.batches(dev, int(tcfg.batch_size), 0, 0, pad_id=c.pad_token_id, eos_id=c.eos_token_id,
+                                  decoder_start_id=c.decoder_start_token_id,
+                                  bucket_boundaries=tuple(config.data.bucket_boundaries),
+                                  max_source_length=config.data.max_source_length,
+                                  max_target_length=config.data.max_target_length, num_epochs=1):
+            ls, ln = jax.device_get(eval_step(params, {k: jnp.asarray(v) for k, v in model_batch(b).items()}))
+            s, n = s + float(ls), n + float(ln)
+        if quant_rules:
+            from kd_flax import quant
+            model = _merge(graph, quant.quantize_params(params, quant_rules))
+        hyps = ev.translate(model, tokenizer, [e.src for e in dec], batch_size=int(tcfg.batch_size),
+                            max_new_tokens=int(config.data.max_target_length),
+                            source_prefix=config.data.source_prefix,
+                            max_source_length=config.data.max_source_length,
+                            bucket_boundaries=tuple(config.data.bucket_boundaries), mesh=mesh, rules=rules)
+        return {"loss": s / max(n, 1e-9), "bleu": metrics.corpus_bleu(hyps, refs).score,
+                "chrf": metrics.corpus_chrf(hyps, refs).score}
+    return run
+
+
+def _train_stage(model, tokenizer, train_examples, dev, config, tcfg, stage_dir, *, teacher=None,
+                 info=None, quant_rules=None, steps=None, log=print):
+    """Train `model` in place on `train_examples` with train block `tcfg`; returns (result, params)."""
+    import ml_collections
+    mesh, rules = _mesh_and_rules(config)
+    if steps is not None:
+        tcfg = ml_collections.ConfigDict(tcfg.to_dict() if hasattr(tcfg, "to_dict") else dict(tcfg))
+        tcfg.steps = int(steps)
+    graphdef, params, rest = split_model(model)
+    graph = (graphdef, rest)
+    t_params = None
+    if teacher is not None:
+        t_graph, t_params, t_rest = split_model(teacher)
+        teacher = (t_graph, t_rest)
+        if mesh is not None:
+            t_params = jax.device_put(t_params, sharding.param_shardings(t_params, mesh, rules))
+    step = make_train_step(graph, tcfg, teacher=teacher, quant_rules=quant_rules, mesh=mesh, rules=rules,
+                           layer_map=info)
+    state = init_train_state(params, tcfg, seed=int(config.seed), mesh=mesh, rules=rules)
+    result = train(step, state, tcfg, workdir=stage_dir,
+                   batches=_batch_fn(train_examples, model.config, tcfg, config), teacher_params=t_params,
+                   evaluate=_evaluator(graph, tokenizer, dev, config, tcfg, quant_rules=quant_rules,
+                                       mesh=mesh, rules=rules), log=log)
+    params = result.state.params
+    if not result.preempted:  # the best evaluated params, if any evaluation ran
+        best = load_best_params(stage_dir, params)
+        params = best if best is not None else params
+    nnx.update(model, params)
+    return result
+
+
+def _finish_model(model, tokenizer, out_dir, info=None, summary=None):
+    from kd_flax import io_utils, models
+    from kd_flax import student as student_lib
+    models.save_pretrained(model, out_dir, tokenizer=tokenizer)
+    if info is not None and jax.process_index() == 0:
+        student_lib.save_layer_map(out_dir, info)
+    if jax.process_index() == 0:
+        io_utils.atomic_write_json(os.path.join(os.path.dirname(out_dir), "manifest.json"),
+                                   {"status": "done", "model": out_dir, **(summary or {})})
+
+
+def _exit_preempted(result):
+    if result.preempted:
+        raise SystemExit(0)  # the checkpoint is saved; a rerun resumes from it
+
+
+def _gold(config, spec):
+    from kd_flax import data as data_lib
+    if not spec:
+        return []
+    ex = data_lib.read_corpus(spec, src_lang=config.data.src_lang, tgt_lang=config.data.tgt_lang)
+    n = int(_get(config.data, "max_train_examples", 0) or 0)
+    return list(ex)[:n] if n and spec == config.data.train else list(ex)
+
+
+def run_finetune(config, workdir: str) -> dict:
+    """Stage `finetune`: train the teacher on gold data (from scratch or from `teacher.path`).
+
+    Writes `workdir/finetune/{ckpt,best,tb}` and the teacher as an HF dir in
+    `workdir/finetune/model` (with its tokenizer).
+    """
+    from kd_flax import models
+    stage_dir = os.path.join(workdir, "finetune")
+    tok_path = config.teacher.tokenizer or config.teacher.path
+    if not tok_path:
+        raise ValueError("teacher.tokenizer: no tokenizer (set teacher.tokenizer or teacher.path)")
+    tokenizer = models.load_tokenizer(tok_path)
+    over = _train_overrides(config.finetune)
+    if config.teacher.init == "scratch":
+        model = models.create_model(models.config_from_dict(config.teacher.model.to_dict()
+                                                  if hasattr(config.teacher.model, "to_dict")
+                                                  else dict(config.teacher.model), tokenizer, **over),
+                                    nnx.Rngs(int(config.seed)))
+    else:
+        model = models.load_pretrained(config.teacher.path, **over)
+    train_ex = _tokenized(_gold(config, config.data.train), tokenizer, config)
+    dev = _tokenized(_gold(config, config.data.dev), tokenizer, config)
+    result = _train_stage(model, tokenizer, train_ex, dev, config, config.finetune, stage_dir)
+    _exit_preempted(result)
+    model = _with_dtype(model, "float32")
+    _finish_model(model, tokenizer, os.path.join(stage_dir, "model"),
+                  summary={"steps": int(config.finetune.steps), "evals": result.evals})
+    return {"steps": int(config.finetune.steps), "best": result.best}
+
+
+def _with_dtype(model, dtype):
+    """The same weights with compute dtype `dtype` (export always in float32 compute)."""
+    from kd_flax import models
+    if getattr(model.config, "dtype", "float32") == dtype:
+        return model
+    new = models.create_model(model.config.replace(dtype=dtype), nnx.Rngs(0))
+    nnx.update(new, nnx.state(model, nnx.Param))
+    return new
+
+
+def _teacher_dir(config, workdir):
+    trained = os.path.join(workdir, "finetune", "model")
+    if os.path.exists(os.path.join(trained, "config.json")):
+        return trained
+    if not config.teacher.path:
+        raise ValueError(f"teacher.path: no teacher: neither {trained} (finetune stage) nor teacher.path")
+    return config.teacher.path
+
+
+def run_distill(config, workdir: str) -> dict:
+    """Stage `distill`: the student on pseudo-labels (`workdir/generate`) and/or gold data,
+    one sub-stage per `distill.stages` entry (e.g. QuillBot's pseudo then gold), each resumable.
+
+    Writes `workdir/distill/<i>_<targets>/{ckpt,best,tb}` and the final student as an HF dir in
+    `workdir/distill/model` (tokenizer + `kd_flax_layer_map` in its config.json).
+    """
+    from kd_flax import models, pseudo_labels, quant
+    from kd_flax import student as student_lib
+
+    dc = config.distill
+    stage_dir = os.path.join(workdir, "distill")
+    t_dir = _teacher_dir(config, workdir)
+    t_tok = models.load_tokenizer(t_dir) if os.path.exists(os.path.join(t_dir, "tokenizer.json")) \
+        else models.load_tokenizer(config.teacher.tokenizer)
+    teacher = models.load_pretrained(t_dir, **_train_overrides(dc))
+    model, tokenizer, info = student_lib.build_student(config, teacher, t_tok, overrides=_train_overrides(dc))
+    spec = LossSpec.from_config(dc.loss)
+    student_lib.check_kd_compatible(model, teacher, word_level=spec.kd_weight > 0, hidden=spec.hidden_weight > 0,
+                                    attention=spec.attention_weight > 0, info=info)
+    if not spec.needs_teacher:
+        teacher = None  # SeqKD alone: the teacher's knowledge is in the pseudo-labels
+    bits = int(_get(config.student.quant, "weight_bits", 0) or 0)
+    rules = quant.default_rules(bits, granularity=config.student.quant.granularity,
+                                scan_layers=bool(getattr(model.config, "scan_layers", False))) if bits else None
+    dev = _tokenized(_gold(config, config.data.dev), tokenizer, config)
+    stages = list(dc.stages)
+    results = []
+    for i, st in enumerate(stages):
+        st = dict(st)
+        sub = os.path.join(stage_dir, f"{i}_{st['targets']}")
+        done_marker = os.path.join(sub, "done.json")
+        if st["targets"] == "pseudo":
+            raw = pseudo_labels.load_pseudo_labels(os.path.join(workdir, "generate"))
+        elif st["targets"] == "gold":
+            raw = _gold(config, config.data.train)
+        else:
+            raise ValueError(f"distill.stages[{i}].targets: {st['targets']!r}; allowed: pseudo, gold")
+        if os.path.exists(done_marker):  # finished earlier: take its final params
+            result = _train_stage(model, tokenizer, _tokenized(raw, tokenizer, config), [], config, dc, sub,
+                                  teacher=teacher, info=info, quant_rules=rules, steps=st["steps"])
+        else:
+            result = _train_stage(model, tokenizer, _tokenized(raw, tokenizer, config), dev, config, dc, sub,
+                                  teacher=teacher, info=info, quant_rules=rules, steps=st["steps"])
+            _exit_preempted(result)
+            if jax.process_index() == 0:
+                from kd_flax import io_utils
+                io_utils.atomic_write_json(done_marker, {"steps": st["steps"], "best": result.best})
+        results.append({"targets": st["targets"], "steps": st["steps"], "best": result.best,
+                        "evals": result.evals})
+    model = _with_dtype(model, "float32")
+    _finish_model(model, tokenizer, os.path.join(stage_dir, "model"), info=info,
+                  summary={"stages": results, "layer_map": info.to_dict()})
+    return {"stages": [{k: r[k] for k in ("targets", "steps", "best")} for r in results]}
