@@ -53,6 +53,9 @@ install_requires = [
     # Imported directly (CLI flags, gs:// paths); orbax brings them too, but say so here.
     "absl-py>=2.0",
     "etils[epath]>=1.7",
+    # gs:// workdirs (the Cloud TPU launch writes everything to a bucket): etils.epath's GCS
+    # backend. Follows STORAGE_EMULATOR_HOST, as kd_flax makes tensorstore do.
+    "gcsfs>=2024.2",
 ]
 
 extras_require = {
@@ -67,6 +70,7 @@ extras_require = {
         "pytest>=8",
         "pytest-xdist>=3.5",
         "hypothesis>=6.100",
+        "gcp-storage-emulator>=2024.8",  # the gs:// tests run the CLI against it
         "torch==2.13.0",
     ],
 }

@@ -305,6 +305,17 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def flat_keys(d: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a nested dict, inner nodes included (`student`, `student.quant`, ...)."""
+    out = []
+    if isinstance(d, dict):
+        for k, v in d.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            out.append(key)
+            out += flat_keys(v, key)
+    return out
+
+
 def _type_ok(value: Any, default: Any) -> bool:
     if isinstance(default, bool):
         return isinstance(value, bool)

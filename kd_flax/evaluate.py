@@ -234,23 +234,24 @@ def read_split(spec: str, config) -> tuple[list[str], list[list[str]] | None]:
     return sources, (None if any(not r for r in refs) else refs)
 
 
-def model_dirs(config, workdir: str) -> dict[str, str]:
-    """Which model dirs `evaluate.models` names, in this workdir (a variant's own workdir).
+def model_dirs(config, workdir) -> dict[str, str]:
+    """Which model dirs `evaluate.models` names, in this workdir (a variant's view of it).
 
-    teacher: `workdir/finetune/model` when the teacher was trained here, else `teacher.path`;
-    student: `workdir/distill/model`.
+    teacher: the one the finetune stage trained here, else `teacher.path`; student: the
+    distill stage's model.
     """
     from kd_flax import io_utils
+    from kd_flax.workdir import Workdir
+    wd = Workdir.of(workdir)
     out = {}
     for name in config.evaluate.models:
         if name == "teacher":
-            trained = os.path.join(workdir, "finetune", "model")
-            path = trained if io_utils.exists(trained) else config.teacher.path
-            if not path or not io_utils.exists(path):
-                raise ValueError(f"evaluate.models: 'teacher' has no model: neither {trained} (finetune "
-                                 f"stage) nor teacher.path={config.teacher.path!r} exists")
+            try:
+                path = wd.teacher_dir(config)
+            except ValueError as e:
+                raise ValueError(f"evaluate.models: 'teacher' has no model: {e}") from None
         elif name == "student":
-            path = os.path.join(workdir, "distill", "model")
+            path = wd.student_dir
             if not io_utils.exists(path):
                 raise ValueError(f"evaluate.models: 'student' has no model at {path}; run the distill "
                                  f"stage first")
@@ -301,7 +302,7 @@ def _load(path: str, config, mesh, rules):
     return model, tokenizer
 
 
-def run(config, workdir: str, *, load_fn: Callable | None = None,
+def run(config, workdir, *, load_fn: Callable | None = None,
         generate_fn: Callable | None = None) -> dict:
     """The `evaluate` stage: decode each test split with each model, score, write results.
 
@@ -311,6 +312,7 @@ def run(config, workdir: str, *, load_fn: Callable | None = None,
     """
     import jax
     from kd_flax import io_utils
+    from kd_flax.workdir import Workdir
 
     ev = config.evaluate
     splits = select_splits(config.data.test, list(ev.splits))
@@ -318,17 +320,11 @@ def run(config, workdir: str, *, load_fn: Callable | None = None,
     mesh = rules = None
     if load_fn is None:
         from kd_flax import sharding as shd
-        rules = tuple(tuple(r) for r in config.mesh.rules)
-        # Logical names the config's rules leave out (e.g. the decoder's `cache_batch`) take
-        # kd_flax.sharding's defaults.
-        named = {r[0] for r in rules}
-        rules += tuple(r for r in shd.DEFAULT_RULES if r[0] not in named)
-        if jax.device_count() > 1:
-            mesh = shd.make_mesh(dict(config.mesh.axes))
+        mesh, rules = shd.mesh_from_config(config.mesh)
         load_fn = lambda p: _load(p, config, mesh, rules)  # noqa: E731
 
     data = {name: read_split(spec, config) for name, spec in splits}
-    out_dir = os.path.join(workdir, "evaluate")
+    out_dir = Workdir.of(workdir).stage_dir("evaluate")
     writer = jax.process_index() == 0
     results: dict[str, Any] = {"splits": [n for n, _ in splits],
                                "settings": {"num_beams": ev.num_beams, "max_new_tokens": ev.max_new_tokens,

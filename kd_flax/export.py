@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -31,15 +30,12 @@ def quant_rules(config):
     return quant.default_rules(q.weight_bits, granularity=q.granularity, scan_layers=scan)
 
 
-def student_model_dir(workdir: str) -> str:
-    return os.path.join(workdir, "distill", "model")
-
-
-def run(config, workdir: str) -> dict:
+def run(config, workdir) -> dict:
     from kd_flax.models import load_pretrained, load_tokenizer, save_pretrained
+    from kd_flax.workdir import Workdir
 
-    src = student_model_dir(workdir)
-    out = os.path.join(workdir, "export")
+    wd = Workdir.of(workdir)
+    src, out = wd.student_dir, wd.export_dir
     model = load_pretrained(src)
     tokenizer = load_tokenizer(src)
     n_params, float_bytes = evaluate.param_bytes(model)
@@ -61,11 +57,3 @@ def run(config, workdir: str) -> dict:
     if jax.process_index() == 0:
         io_utils.atomic_write_json(os.path.join(out, "summary.json"), summary)
     return summary
-
-
-def load_summary(workdir: str) -> dict | None:
-    path = os.path.join(workdir, "export", "summary.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)

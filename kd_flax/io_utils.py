@@ -7,12 +7,17 @@ on Cloud Storage an object only becomes visible once its upload completes, which
 same guarantee without the rename.
 
 Paths are handled through ``etils.epath`` (already a dependency of orbax), so ``gs://bucket/x``
-works wherever a local path does as long as the GCS backend (``gcsfs`` or ``tensorflow``) is
-installed.
+works wherever a local path does (the GCS backend is ``gcsfs``, a core dependency).
+
+Storage emulators: the standard ``STORAGE_EMULATOR_HOST`` variable (``http://127.0.0.1:9023``)
+is all a user sets. gcsfs follows it itself; tensorstore (Orbax's checkpoint backend) has its
+own variable, ``TENSORSTORE_GCS_HTTP_URL``, which :func:`follow_storage_emulator` sets from it,
+so checkpoints go to the same emulator as every other file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -25,6 +30,25 @@ from etils import epath
 
 
 _CHUNK = 1 << 20
+
+
+def follow_storage_emulator() -> None:
+    """Point tensorstore at ``$STORAGE_EMULATOR_HOST`` too. Called on import (before gcsfs is
+    imported); a no-op without an emulator.
+
+    Also switches off gcsfs's bucket-type probe: it asks Cloud Storage's gRPC control API,
+    which an emulator does not serve, on every operation (it does not cache a failed answer),
+    costing a warning per call and up to a minute each when it gets as far as a TLS handshake."""
+    host = os.environ.get("STORAGE_EMULATOR_HOST")
+    if not host:
+        return
+    if "://" not in host:
+        host = "http://" + host
+    os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", host)
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+follow_storage_emulator()
 
 
 def as_path(path) -> epath.Path:
@@ -41,6 +65,13 @@ def is_remote(path) -> bool:
     return "://" in os.fspath(path) if isinstance(path, (str, os.PathLike)) else "://" in str(path)
 
 
+def abspath(path) -> str:
+    """An absolute local path, or the URL as it is (``os.path.abspath('gs://b/x')`` would give
+    a local ``./gs:/b/x``)."""
+    path = os.fspath(path) if not isinstance(path, epath.Path) else str(path)
+    return path.rstrip("/") if is_remote(path) else os.path.abspath(path)
+
+
 def join(path, *parts) -> epath.Path:
     return as_path(path).joinpath(*parts)
 
@@ -53,6 +84,48 @@ def makedirs(path) -> epath.Path:
     p = as_path(path)
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def is_dir(path) -> bool:
+    return as_path(path).is_dir()
+
+
+def listdir(path) -> list[str]:
+    """Sorted entry names of a directory ([] when it does not exist)."""
+    p = as_path(path)
+    return sorted(f.name for f in p.iterdir()) if p.exists() else []
+
+
+def rmtree(path) -> None:
+    """Removes a directory tree (or file) if it exists."""
+    p = as_path(path)
+    if p.is_dir():
+        p.rmtree()
+    elif p.exists():
+        p.unlink()
+
+
+def copy_tree(src, dst) -> None:
+    """Copies every file below ``src`` to ``dst`` (local or remote either side), each file
+    atomically, so a reader of ``dst`` never sees a half-written file."""
+    src, dst = as_path(src), as_path(dst)
+    if not src.is_dir():
+        atomic_write_bytes(dst, src.read_bytes())
+        return
+    for f in src.iterdir():
+        copy_tree(f, dst / f.name)
+
+
+@contextlib.contextmanager
+def local_dir(path) -> Iterator[str]:
+    """A local directory with the contents of ``path``: the path itself when local, else a
+    temporary download (for libraries that only read local files, e.g. tokenizers)."""
+    if not is_remote(path):
+        yield os.fspath(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="kd_flax-") as tmp:
+        copy_tree(path, tmp)
+        yield tmp
 
 
 def open_path(path, mode: str = "rb"):
@@ -235,3 +308,39 @@ def json_hash(obj: Any) -> str:
     """Stable SHA-256 of a JSON-serialisable object (keys sorted, no whitespace)."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class _ObjectEventFile:
+    """A TensorBoard event file on an object store. Objects cannot be appended to, so the
+    events are buffered and the whole object is rewritten on each flush (event files are
+    small: a few scalars every `log_every` steps)."""
+
+    def __init__(self, path: str):
+        self.path, self.buffer = path, io.BytesIO()
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+
+    def flush(self) -> None:
+        as_path(self.path).write_bytes(self.buffer.getvalue())
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _ObjectEventFiles:
+    """tensorboardX writer factory for ``gs://`` logdirs, through epath like every other file
+    (tensorboardX's own would need google-cloud-storage and ignore the emulator setting)."""
+
+    def directory_check(self, path: str) -> None:
+        makedirs(path)
+
+    def open(self, path: str) -> _ObjectEventFile:
+        return _ObjectEventFile(path)
+
+
+def summary_writer(logdir):
+    """A tensorboardX ``SummaryWriter`` for a local or ``gs://`` logdir."""
+    from tensorboardX import SummaryWriter, record_writer
+    record_writer.register_writer_factory("gs", _ObjectEventFiles())
+    return SummaryWriter(abspath(logdir))

@@ -21,9 +21,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from kd_flax import config_base, io_utils
-
-STAGES = ("finetune", "generate", "distill", "evaluate", "export")
-STUDENT_STAGES = ("distill", "evaluate", "export")
+from kd_flax import workdir as workdir_lib
+from kd_flax.workdir import STAGES, STUDENT_STAGES, Workdir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "recipe file, e.g. configs/demo_cpu.py:tiny")
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (local path or gs://...)")
@@ -35,8 +34,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process: num
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
 
 
-class StageRefused(RuntimeError):
-    pass
+StageRefused = workdir_lib.StageRefused
 
 
 # ---------------------------------------------------------------------------
@@ -66,65 +64,39 @@ _UPSTREAM = {"finetune": (), "generate": ("finetune",), "distill": ("generate",)
 
 
 def stage_record(stage: str, cfg: dict, hashes: dict[str, str]) -> dict:
-    keys = _stage_keys(stage, cfg)
-    upstream = {u: hashes[u] for u in _UPSTREAM[stage] if u in hashes}
-    return {"stage": stage, "config": keys, "upstream": upstream,
-            "config_hash": config_base.config_hash({"keys": keys, "upstream": upstream})}
-
-
-def _read_json(path: str) -> dict | None:
-    return io_utils.read_json(path) if io_utils.exists(path) else None
-
-
-def _write_json(path: str, obj: dict) -> None:
-    io_utils.atomic_write_json(path, json.loads(json.dumps(obj, default=str)))
+    return workdir_lib.new_record(stage, _stage_keys(stage, cfg),
+                                  {u: hashes[u] for u in _UPSTREAM[stage] if u in hashes})
 
 
 def _portable(cfg: dict, root: str) -> dict:
     """The config with the workdir written as $WORKDIR, so files that `prepare` put inside the
     workdir (synthetic data, a trained tokenizer) do not make the hash depend on where it is."""
-    root = root if io_utils.is_remote(root) else os.path.abspath(root)
     return json.loads(json.dumps(cfg, default=str).replace(json.dumps(root)[1:-1], "$WORKDIR"))
 
 
-def run_stage(stage: str, fn: Callable[[Any, str], Any], config, workdir: str,
-              hashes: dict[str, str], *, force: bool = False, is_writer: bool = True,
-              root: str | None = None) -> str:
+def run_stage(stage: str, fn: Callable[[Any, Workdir], Any], config, workdir, hashes: dict[str, str],
+              *, force: bool = False, is_writer: bool = True) -> str:
     """Run one stage with skip / refuse / resume bookkeeping; returns its config hash.
 
-    `root` is the top workdir (variants run in subdirectories of it)."""
-    rec = stage_record(stage, _portable(config.to_dict(), root or workdir), hashes)
-    path = os.path.join(workdir, stage, "stage.json")
-    old = _read_json(path)
-    if old is not None and old.get("config_hash") != rec["config_hash"]:
-        changed = config_base.diff_keys({"config": old.get("config"), "upstream": old.get("upstream")},
-                                        {"config": rec["config"], "upstream": rec["upstream"]})
-        if not force:
-            raise StageRefused(
-                f"stage {stage!r} in {os.path.join(workdir, stage)} was produced with a different config; "
-                f"changed: {', '.join(changed) or '(upstream)'}. Use another --workdir, or --force to redo it.")
-        logging.warning("--force: redoing stage %s (changed: %s)", stage, changed)
-        _remove_tree(os.path.join(workdir, stage))
-        old = None
+    `workdir`: a `Workdir` (a variant's view for the student stages) or a path."""
+    wd = Workdir.of(workdir)
+    directory = wd.stage_dir(stage)
+    rec = stage_record(stage, _portable(config.to_dict(), wd.root), hashes)
+    old = workdir_lib.check_record(workdir_lib.read_record(directory), rec, directory, force=force,
+                                   remove=(lambda: io_utils.rmtree(directory)) if is_writer else (lambda: None))
     hashes[stage] = rec["config_hash"]
     if old is not None and old.get("status") == "done":
         logging.info("stage %s: done already (config %s), skipped", stage, rec["config_hash"])
         return rec["config_hash"]
     if is_writer:
-        _write_json(path, dict(rec, status="running", started=time.time()))
+        workdir_lib.write_record(directory, dict(rec, status="running", started=time.time()))
     t0 = time.time()
-    result = fn(config, workdir)
+    result = fn(config, wd)
     _sync(f"stage-{stage}-done")
     if is_writer:
-        _write_json(path, dict(rec, status="done", seconds=round(time.time() - t0, 1),
-                               result=result if isinstance(result, dict) else None))
+        workdir_lib.write_record(directory, dict(rec, status="done", seconds=round(time.time() - t0, 1),
+                                                 result=result if isinstance(result, dict) else None))
     return rec["config_hash"]
-
-
-def _remove_tree(path: str) -> None:
-    p = io_utils.as_path(path)
-    if p.exists():
-        p.rmtree()
 
 
 def _sync(name: str) -> None:
@@ -138,7 +110,7 @@ def _sync(name: str) -> None:
 # Stage functions (imported lazily: `generate` should not import the trainer, etc.)
 # ---------------------------------------------------------------------------
 
-def _stage_fn(stage: str) -> Callable[[Any, str], Any]:
+def _stage_fn(stage: str) -> Callable[[Any, Workdir], Any]:
     if stage == "finetune":
         from kd_flax import stages
         return stages.run_finetune
@@ -171,44 +143,30 @@ def variant_configs(config) -> dict[str, Any]:
     return out
 
 
-def variant_workdir(workdir: str, name: str) -> str:
-    """Student stages of a variant live in WORKDIR/variants/NAME; shared stages are linked in."""
-    if not name:
-        return workdir
-    vdir = os.path.join(workdir, "variants", name)
-    if "://" not in workdir:
-        os.makedirs(vdir, exist_ok=True)
-        for shared in ("finetune", "generate", "data"):
-            link = os.path.join(vdir, shared)
-            try:
-                os.symlink(os.path.join("..", "..", shared), link)
-            except FileExistsError:
-                pass  # made by an earlier run, or by another process of this one (multi-host)
-    return vdir
-
-
-def prepare(config, workdir: str, *, is_writer: bool = True) -> None:
+def prepare(config, workdir, *, is_writer: bool = True) -> None:
     """Materialise `synthetic:` data specs and, for a teacher trained from scratch, its tokenizer.
 
     Both are pure functions of the config, so re-running reuses what is there. The config is
     updated in place to point at the files (under WORKDIR/data and WORKDIR/tokenizer).
     """
     from kd_flax import synthetic
-    if not io_utils.is_remote(workdir):
-        workdir = os.path.abspath(workdir)  # `_portable` recognises these paths in stage hashes
-    data_dir = os.path.join(workdir, "data")
+    wd = Workdir.of(workdir)
+
+    def data_file(spec: str) -> str:
+        if not spec.startswith("synthetic:"):
+            return spec
+        if is_writer:
+            return synthetic.materialize(spec, wd.data_dir)
+        return os.path.join(wd.data_dir, _synthetic_name(spec)) if not wd.remote \
+            else f"{wd.data_dir}/{_synthetic_name(spec)}"
+
     with config.unlocked():
         for key in ("train", "dev"):
-            if config.data[key].startswith("synthetic:"):
-                config.data[key] = synthetic.materialize(config.data[key], data_dir) if is_writer \
-                    else os.path.join(data_dir, _synthetic_name(config.data[key]))
-        tests = list(config.data.test)
-        config.data.test = [synthetic.materialize(t, data_dir) if t.startswith("synthetic:") and is_writer
-                            else os.path.join(data_dir, _synthetic_name(t)) if t.startswith("synthetic:") else t
-                            for t in tests]
+            config.data[key] = data_file(config.data[key])
+        config.data.test = [data_file(t) for t in config.data.test]
         if config.teacher.init == "scratch" and not config.teacher.tokenizer:
-            tok_dir = os.path.join(workdir, "tokenizer")
-            if is_writer and not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+            tok_dir = wd.tokenizer_dir
+            if is_writer and not io_utils.exists(io_utils.join(tok_dir, "tokenizer.json")):
                 from kd_flax import data as data_lib
                 from kd_flax.models import train_tokenizer
                 texts = []
@@ -231,17 +189,24 @@ def _synthetic_name(spec: str) -> str:
     return f"{split}-{n}.jsonl"
 
 
-def run(stage: str, config, workdir: str, *, force: bool = False, variants: list[str] | None = None) -> dict:
+def run(stage: str, config, workdir, *, force: bool = False, variants: list[str] | None = None) -> dict:
     """Run one stage (or the pipeline) programmatically; returns {stage or variant/stage: hash}."""
     import jax
     config_base.validate(config)
+    wd = Workdir.of(workdir)
+    vconfigs = variant_configs(config)
+    unknown = [v for v in variants or () if v not in vconfigs]
+    if unknown:
+        raise config_base.ConfigError(
+            f"--variants: {', '.join(unknown)} not in the config; allowed: {', '.join(n for n in vconfigs if n)}"
+            if any(vconfigs) else f"--variants: {', '.join(unknown)}: the config defines no variants")
     is_writer = jax.process_index() == 0
-    prepare(config, workdir, is_writer=is_writer)
+    prepare(config, wd, is_writer=is_writer)
     hashes: dict[str, str] = {}
     wanted = STAGES if stage == "pipeline" else (stage,)
     # Upstream hashes come from the stage records already in the workdir.
     for s in STAGES:
-        old = _read_json(os.path.join(workdir, s, "stage.json"))
+        old = wd.record(s)
         if old and s not in wanted:
             hashes[s] = old["config_hash"]
     results: dict[str, str] = {}
@@ -249,7 +214,7 @@ def run(stage: str, config, workdir: str, *, force: bool = False, variants: list
         if s not in STUDENT_STAGES:
             if s == "finetune" and config.teacher.init != "scratch" and config.finetune.steps <= 0:
                 continue  # a pretrained teacher used as is
-            results[s] = run_stage(s, _stage_fn(s), config, workdir, hashes, force=force, is_writer=is_writer)
+            results[s] = run_stage(s, _stage_fn(s), config, wd, hashes, force=force, is_writer=is_writer)
     student_stages = [s for s in wanted if s in STUDENT_STAGES]
     if student_stages:
         vconfigs = variant_configs(config)
@@ -259,7 +224,7 @@ def run(stage: str, config, workdir: str, *, force: bool = False, variants: list
                 tcfg = config.copy_and_resolve_references()
                 with tcfg.unlocked():
                     tcfg.evaluate.models = ["teacher"]
-                results["evaluate"] = run_stage("evaluate", _stage_fn("evaluate"), tcfg, workdir, hashes,
+                results["evaluate"] = run_stage("evaluate", _stage_fn("evaluate"), tcfg, wd, hashes,
                                                 force=force, is_writer=is_writer)
             for vcfg in vconfigs.values():
                 with vcfg.unlocked():
@@ -267,19 +232,18 @@ def run(stage: str, config, workdir: str, *, force: bool = False, variants: list
         for name, vcfg in vconfigs.items():
             if variants and name not in variants:
                 continue
-            vdir = variant_workdir(workdir, name)
+            vwd = wd.for_variant(name)
             vhashes = dict(hashes)
             for s in STUDENT_STAGES:
-                old = _read_json(os.path.join(vdir, s, "stage.json"))
+                old = vwd.record(s)
                 if old and s not in student_stages:
                     vhashes[s] = old["config_hash"]
             for s in student_stages:
                 key = f"{name}/{s}" if name else s
-                results[key] = run_stage(s, _stage_fn(s), vcfg, vdir, vhashes, force=force,
-                                         is_writer=is_writer, root=workdir)
+                results[key] = run_stage(s, _stage_fn(s), vcfg, vwd, vhashes, force=force, is_writer=is_writer)
     if stage == "pipeline" and is_writer:
         from kd_flax import report
-        report.write_report(config, workdir)
+        report.write_report(config, wd)
     return results
 
 
@@ -315,5 +279,88 @@ def main(argv: list[str]) -> None:
     logging.info("finished: %s", results)
 
 
+# ---------------------------------------------------------------------------
+# Command-line errors: one line naming what is wrong, exit status 2
+# ---------------------------------------------------------------------------
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(f"--{name}="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _load_recipe(spec: str):
+    """`FILE[:ARG]` -> its `get_config(ARG)`; a missing or broken file is a one-line error."""
+    import importlib.util
+    import traceback
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise config_base.ConfigError(f"--config {spec}: no such file {path!r}")
+    try:
+        module_spec = importlib.util.spec_from_file_location("kd_flax_recipe", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module.get_config(arg) if arg else module.get_config()
+    except Exception as e:  # noqa: BLE001 - any failure of the user's file is reported, in one line
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(path)]
+        where = f"{path}:{frames[-1].lineno}" if frames else path
+        raise config_base.ConfigError(f"--config {spec}: {where}: {type(e).__name__}: {e}") from None
+
+
+def _explain_override(config, key: str, value: str) -> str | None:
+    """What is wrong with `--config.KEY=VALUE` against the loaded config, or None if nothing."""
+    import difflib
+    node, walked = config, []
+    for part in key.split("."):
+        children = node.keys() if hasattr(node, "keys") else []
+        if part not in children:
+            everything = list(config_base.flat_keys(config.to_dict()))
+            here = ".".join(walked + [part])
+            close = difflib.get_close_matches(here, everything, n=3, cutoff=0.6)
+            if not close:
+                close = [k for k in everything if k.startswith(".".join(walked) + ".")][:6] if walked else []
+            hint = f"; closest valid keys: {', '.join(close)}" if close else ""
+            return f"--config.{key}: no such key{hint}"
+        node, walked = node[part], walked + [part]
+    default = node
+    kinds = {bool: ("True", "False"), int: None, float: None}
+    if isinstance(default, bool):
+        if value not in kinds[bool] + ("true", "false", "1", "0"):
+            return f"--config.{key}={value}: expected True or False"
+    elif isinstance(default, (int, float)):
+        try:
+            type(default)(value)
+        except ValueError:
+            return f"--config.{key}={value}: expected {'an int' if isinstance(default, int) else 'a number'}, got {value!r}"
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with one-line errors (exit 2) for a bad `--config` file, an unknown
+    `--config.KEY`, or a value of the wrong type, instead of ml_collections' tracebacks."""
+    try:
+        spec = _flag_value(argv, "config")
+        if spec is not None:
+            config = _load_recipe(spec)
+            for a in argv[1:]:
+                if a.startswith("--config.") and "=" in a:
+                    key, value = a[len("--config."):].split("=", 1)
+                    problem = _explain_override(config, key, value)
+                    if problem:
+                        raise config_base.ConfigError(problem)
+        return flags.FLAGS(argv)
+    except config_base.ConfigError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    except Exception as e:  # noqa: BLE001 - absl / ml_collections parse errors, as one line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        sys.stderr.write(f"error: {msg}\n")
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

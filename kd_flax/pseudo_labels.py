@@ -35,11 +35,12 @@ import jax
 import numpy as np
 
 from kd_flax import data as data_lib
-from kd_flax import io_utils
+from kd_flax import io_utils, sharding
+from kd_flax import workdir as workdir_lib
+from kd_flax.workdir import Workdir
 
 log = logging.getLogger(__name__)
 
-CHECKSUM_CACHE = ".teacher_checksums.json"  # in the workdir: per-file digests keyed by size+mtime
 OUT_SUBDIR = "generate"
 MANIFEST = "manifest.json"
 SELECT_CHOICES = ("best", "bleu", "chrf")
@@ -119,28 +120,6 @@ def _plain(x):
     if isinstance(x, (list, tuple)):
         return [_plain(v) for v in x]
     return x
-
-
-def _diff_keys(old, new, prefix=""):
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new)):
-            out += _diff_keys(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else k)
-        return out
-    return [] if old == new else [prefix or "<root>"]
-
-
-def teacher_dir(config, workdir) -> str:
-    """The teacher checkpoint: ``workdir/finetune/model`` when trained here, else ``teacher.path``."""
-    trained = os.path.join(os.fspath(workdir), "finetune", "model")
-    if io_utils.exists(trained):
-        return trained
-    path = _get(config.teacher, "path")
-    if not path:
-        raise ValueError(f"teacher.path: required (an HF checkpoint dir); {trained} does not exist either")
-    if not io_utils.exists(path):
-        raise ValueError(f"teacher.path: {path!r} does not exist")
-    return path
 
 
 def job_settings(config, teacher_path: str, tokenizer_path: str, process_count: int, *,
@@ -265,20 +244,6 @@ def _load_teacher(config, teacher_path, tokenizer_path, mesh, rules):
     return model, tokenizer
 
 
-def _make_mesh(config):
-    """A mesh over this process's devices when there is more than one, else None."""
-    devices = jax.local_devices()
-    if len(devices) <= 1:
-        return None, None
-    from kd_flax import sharding
-
-    axes = dict(_plain(config.mesh.axes))
-    rules = _get(config.mesh, "rules")
-    rules = tuple(tuple(r) for r in _plain(rules)) if rules else sharding.DEFAULT_RULES
-    rules = tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in rules)
-    return sharding.make_mesh(axes, devices=devices), rules
-
-
 _STEP_CACHE: dict = {}  # jitted steps by (model structure, settings, mesh): reuse across runs
 
 
@@ -397,26 +362,24 @@ def run(config, workdir, *, force: bool = False, generate_fn: Callable | None = 
     pi = jax.process_index() if process_index is None else int(process_index)
     pc = jax.process_count() if process_count is None else int(process_count)
     simulated = process_index is not None or process_count is not None
-    out_dir = io_utils.makedirs(io_utils.join(workdir, OUT_SUBDIR))
-    t_path = teacher_dir(config, workdir)
+    wd = Workdir.of(workdir)
+    out_dir = io_utils.makedirs(wd.pseudo_label_dir)
+    t_path = wd.teacher_dir(config)
     tok_path = _get(config.teacher, "tokenizer") or t_path
-    # Outside out_dir, so that --force (which empties out_dir) keeps it; process 0 writes it.
-    cache = io_utils.join(workdir, CHECKSUM_CACHE)
-    settings = job_settings(config, t_path, tok_path, pc, checksum_cache=cache, write_cache=pi == 0)
-    config_hash = io_utils.json_hash(settings)
+    settings = job_settings(config, t_path, tok_path, pc, checksum_cache=wd.checksum_cache, write_cache=pi == 0)
+    record = workdir_lib.new_record("generate", settings)
+    config_hash = record["config_hash"]
 
-    old = _read_manifest(out_dir)
-    if old is not None and old.get("config_hash") != config_hash:
-        changed = _diff_keys(old.get("settings", {}), settings) or ["<settings>"]
-        if not force:
-            raise GenerateError(
-                f"{out_dir} holds pseudo-labels made with other settings; changed: "
-                f"{', '.join(changed)}. Use another workdir, or force=True (--force) to redo them.")
-        log.warning("force: deleting %s (changed: %s)", out_dir, ", ".join(changed))
+    def empty_out_dir():
         if pi == 0:
             for f in out_dir.iterdir():
                 f.unlink() if not f.is_dir() else f.rmtree()
-        old = None
+
+    try:
+        old = workdir_lib.check_record(_read_manifest(out_dir), record, out_dir, force=force,
+                                       remove=empty_out_dir)
+    except workdir_lib.StageRefused as e:
+        raise GenerateError(f"{out_dir} holds pseudo-labels made with other settings: {e}") from None
     if old is not None and old.get("status") == "done":
         log.info("generate: %s is done already (config %s), skipped", out_dir, config_hash[:12])
         return old
@@ -433,7 +396,7 @@ def run(config, workdir, *, force: bool = False, generate_fn: Callable | None = 
                             f"reference for every example, but {d.train} has sources without one")
     (lo, hi), shards = plan_shards(len(examples), g.shard_size, pi, pc)
     local = examples[lo:hi]
-    base = {"stage": "generate", "config_hash": config_hash, "settings": settings,
+    base = {**record,  # the job's settings are its record's `config`
             "teacher": {"path": os.fspath(t_path), "tokenizer": os.fspath(tok_path),
                         **settings["teacher"]},
             "decoding": _plain(g), "corpus": report.as_dict(),
@@ -502,7 +465,7 @@ def _finish(out_dir, base, report, n_examples) -> dict:
 def _generate_shards(config, pending, local, out_dir, pc, t_path, tok_path, generate_fn,
                      load_fn, on_shard_done, progress):
     g, d = config.generate, config.data
-    mesh, rules = _make_mesh(config)
+    mesh, rules = sharding.mesh_from_config(config.mesh, devices=jax.local_devices())
     model, tokenizer = (load_fn or _load_teacher)(config, t_path, tok_path, mesh, rules)
     if generate_fn is None:
         from kd_flax.decoding import generate as generate_fn
@@ -657,4 +620,4 @@ def load_pseudo_labels(workdir_or_dir, *, with_nbest: bool = False) -> list[data
 
 
 __all__ = ["run", "load_pseudo_labels", "validate_config", "select_candidate", "apply_filters",
-           "plan_shards", "GenerateStep", "GenerateError", "teacher_dir"]
+           "plan_shards", "GenerateStep", "GenerateError"]

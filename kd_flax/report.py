@@ -9,12 +9,13 @@ size of its integer export (`export/summary.json`), which is what would ship.
 
 from __future__ import annotations
 
+import io
 import math
-import os
 from typing import Any, Mapping, Sequence
 
 from kd_flax import io_utils
 from kd_flax.metrics import Stats, format_mean_std
+from kd_flax.workdir import Workdir
 
 
 def _cell(value: Any) -> str:
@@ -111,20 +112,16 @@ def report_markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _rows(workdir: str) -> list[dict]:
-    sources = []  # (label, evaluate dir, export summary or None)
-    top = os.path.join(workdir, "evaluate", "results.json")
-    if io_utils.exists(top):
-        sources.append(("", top, _summary(workdir)))
-    vroot = os.path.join(workdir, "variants")
-    if os.path.isdir(vroot):
-        for name in sorted(os.listdir(vroot)):
-            path = os.path.join(vroot, name, "evaluate", "results.json")
-            if io_utils.exists(path):
-                sources.append((name, path, _summary(os.path.join(vroot, name))))
+def _rows(wd: Workdir) -> list[dict]:
+    # (label, evaluate results, export summary or None); the teacher is evaluated once, at the
+    # top level (main.run), each variant's student in its own view of the workdir.
+    views = [("", wd)] + [(name, wd.for_variant(name)) for name in wd.variants()]
     rows = []
-    for label, path, summary in sources:
-        results = io_utils.read_json(path)
+    for label, view in views:
+        results = view.eval_results()
+        if results is None:
+            continue
+        summary = view.export_summary()
         for mname, m in results["models"].items():
             size_mb = m.get("size_mb") or 0.0
             bits = m.get("weight_bits")
@@ -141,20 +138,16 @@ def _rows(workdir: str) -> list[dict]:
                 "sentences/s": round(speed.get("sentences_per_s", float("nan")), 1),
                 "_bleu": m["bleu"]["mean"], "_size": size_mb,
             })
-    return rows  # the teacher is evaluated once, at the top level (main.run)
-
-
-def _summary(d: str) -> dict | None:
-    path = os.path.join(d, "export", "summary.json")
-    return io_utils.read_json(path) if io_utils.exists(path) else None
+    return rows
 
 
 def _mean_std(m: dict) -> str:
     return format_mean_std(Stats(m["mean"], _nan(m.get("std")), 0))
 
 
-def write_report(config, workdir: str) -> str:
-    rows = _rows(workdir)
+def write_report(config, workdir) -> str:
+    wd = Workdir.of(workdir)
+    rows = _rows(wd)
     if not rows:
         return ""
     columns = ["model", "parameters", "size (MB)", "weights", "BLEU", "chrF", "sentences/s"]
@@ -162,21 +155,19 @@ def write_report(config, workdir: str) -> str:
     n_splits = len(config.data.test)
     text = (f"# {config.name}: results\n\n"
             f"BLEU and chrF: sacreBLEU, mean ± sample std over {n_splits} test split(s)"
-            f"{' (multi-reference)' if _multi_ref(workdir) else ''}; sentences/s: decoding on "
+            f"{' (multi-reference)' if _multi_ref(wd) else ''}; sentences/s: decoding on "
             f"this machine (num_beams={config.evaluate.num_beams}).\n\n{table}\n")
-    png = os.path.join(workdir, "report.png")
+    png = wd.path("report.png")
     if _plot(rows, png, config.name):
         text += "\n![BLEU against model size](report.png)\n"
-    io_utils.atomic_write_text(os.path.join(workdir, "report.md"), text)
+    io_utils.atomic_write_text(wd.path("report.md"), text)
     print(table)
     return text
 
 
-def _multi_ref(workdir: str) -> bool:
-    path = os.path.join(workdir, "evaluate", "results.json")
-    if not io_utils.exists(path):
-        return False
-    for m in io_utils.read_json(path)["models"].values():
+def _multi_ref(wd: Workdir) -> bool:
+    results = wd.eval_results()
+    for m in (results or {}).get("models", {}).values():
         return any(s.get("num_refs", 1) > 1 for s in m.get("splits", {}).values())
     return False
 
@@ -198,8 +189,8 @@ def _plot(rows: list[dict], path: str, title: str) -> bool:
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
+    io_utils.atomic_write_bytes(path, buf.getvalue())
     return True

@@ -82,6 +82,27 @@ def make_mesh(axes: dict[str, int], *, devices: Sequence | None = None) -> Mesh:
                          devices=devices)
 
 
+def config_rules(mesh_cfg) -> tuple:
+    """The logical-axis rules of a config's `mesh` block as tuples; logical names the config
+    leaves out (e.g. the decoder cache's `cache_batch`) take `DEFAULT_RULES`'."""
+    raw = mesh_cfg.get("rules") if mesh_cfg is not None and hasattr(mesh_cfg, "get") else None
+    raw = raw.to_dict() if hasattr(raw, "to_dict") else raw
+    rules = tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in (raw or ()))
+    named = {r[0] for r in rules}
+    return rules + tuple(r for r in DEFAULT_RULES if r[0] not in named)
+
+
+def mesh_from_config(mesh_cfg, *, devices: Sequence | None = None) -> tuple[Mesh | None, tuple]:
+    """`(mesh, rules)` from a config's `mesh` block (`axes`, `rules`) over `devices` (default:
+    all devices); the mesh is None on a single device (nothing to shard)."""
+    devices = list(jax.devices() if devices is None else devices)
+    rules = config_rules(mesh_cfg)
+    if len(devices) <= 1:
+        return None, rules
+    axes = mesh_cfg.axes.to_dict() if hasattr(mesh_cfg.axes, "to_dict") else dict(mesh_cfg.axes)
+    return make_mesh(axes, devices=devices), rules
+
+
 def _rules_dict(rules) -> dict:
     rules = DEFAULT_RULES if rules is None else rules
     out = {}

@@ -8,25 +8,18 @@ config and a workdir into calls of it: which model, which data, which teacher, w
 from __future__ import annotations
 
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from kd_flax import sharding
+from kd_flax import workdir as workdir_lib
+from kd_flax.workdir import Workdir
 from kd_flax.train import (_get, init_train_state, load_best_params, make_eval_step, make_train_step,
                            model_batch, split_model, train, LossSpec, _merge)
 
 log = logging.getLogger(__name__)
-
-
-def _mesh_and_rules(config):
-    """The config's mesh when there is more than one device, else (None, None)."""
-    if jax.device_count() == 1:
-        return None, None
-    rules = tuple(tuple(r) for r in config.mesh.rules)
-    return sharding.make_mesh(dict(config.mesh.axes)), rules
 
 
 def _train_overrides(tcfg) -> dict:
@@ -98,7 +91,7 @@ def _train_stage(model, tokenizer, train_examples, dev, config, tcfg, stage_dir,
                  info=None, quant_rules=None, steps=None, log=print):
     """Train `model` in place on `train_examples` with train block `tcfg`; returns (result, params)."""
     import ml_collections
-    mesh, rules = _mesh_and_rules(config)
+    mesh, rules = sharding.mesh_from_config(config.mesh)
     if steps is not None:
         tcfg = ml_collections.ConfigDict(tcfg.to_dict() if hasattr(tcfg, "to_dict") else dict(tcfg))
         tcfg.steps = int(steps)
@@ -125,15 +118,14 @@ def _train_stage(model, tokenizer, train_examples, dev, config, tcfg, stage_dir,
     return result
 
 
-def _finish_model(model, tokenizer, out_dir, info=None, summary=None):
-    from kd_flax import io_utils, models
+def _finish_model(model, tokenizer, out_dir, info=None):
+    """The trained model as an HF dir (with its tokenizer and, for a student, its layer map).
+    What it was trained with goes into the stage's record (`stage.json`), not beside it."""
+    from kd_flax import models
     from kd_flax import student as student_lib
     models.save_pretrained(model, out_dir, tokenizer=tokenizer)
     if info is not None and jax.process_index() == 0:
         student_lib.save_layer_map(out_dir, info)
-    if jax.process_index() == 0:
-        io_utils.atomic_write_json(os.path.join(os.path.dirname(out_dir), "manifest.json"),
-                                   {"status": "done", "model": out_dir, **(summary or {})})
 
 
 def _exit_preempted(result):
@@ -150,14 +142,15 @@ def _gold(config, spec):
     return list(ex)[:n] if n and spec == config.data.train else list(ex)
 
 
-def run_finetune(config, workdir: str) -> dict:
+def run_finetune(config, workdir) -> dict:
     """Stage `finetune`: train the teacher on gold data (from scratch or from `teacher.path`).
 
     Writes `workdir/finetune/{ckpt,best,tb}` and the teacher as an HF dir in
     `workdir/finetune/model` (with its tokenizer).
     """
     from kd_flax import models
-    stage_dir = os.path.join(workdir, "finetune")
+    wd = Workdir.of(workdir)
+    stage_dir = wd.stage_dir("finetune")
     tok_path = config.teacher.tokenizer or config.teacher.path
     if not tok_path:
         raise ValueError("teacher.tokenizer: no tokenizer (set teacher.tokenizer or teacher.path)")
@@ -175,9 +168,8 @@ def run_finetune(config, workdir: str) -> dict:
     result = _train_stage(model, tokenizer, train_ex, dev, config, config.finetune, stage_dir)
     _exit_preempted(result)
     model = _with_dtype(model, "float32")
-    _finish_model(model, tokenizer, os.path.join(stage_dir, "model"),
-                  summary={"steps": int(config.finetune.steps), "evals": result.evals})
-    return {"steps": int(config.finetune.steps), "best": result.best}
+    _finish_model(model, tokenizer, wd.trained_teacher_dir)
+    return {"steps": int(config.finetune.steps), "best": result.best, "evals": result.evals}
 
 
 def _with_dtype(model, dtype):
@@ -190,16 +182,7 @@ def _with_dtype(model, dtype):
     return new
 
 
-def _teacher_dir(config, workdir):
-    trained = os.path.join(workdir, "finetune", "model")
-    if os.path.exists(os.path.join(trained, "config.json")):
-        return trained
-    if not config.teacher.path:
-        raise ValueError(f"teacher.path: no teacher: neither {trained} (finetune stage) nor teacher.path")
-    return config.teacher.path
-
-
-def run_distill(config, workdir: str) -> dict:
+def run_distill(config, workdir) -> dict:
     """Stage `distill`: the student on pseudo-labels (`workdir/generate`) and/or gold data,
     one sub-stage per `distill.stages` entry (e.g. QuillBot's pseudo then gold), each resumable.
 
@@ -210,10 +193,9 @@ def run_distill(config, workdir: str) -> dict:
     from kd_flax import student as student_lib
 
     dc = config.distill
-    stage_dir = os.path.join(workdir, "distill")
-    t_dir = _teacher_dir(config, workdir)
-    t_tok = models.load_tokenizer(t_dir) if os.path.exists(os.path.join(t_dir, "tokenizer.json")) \
-        else models.load_tokenizer(config.teacher.tokenizer)
+    wd = Workdir.of(workdir)
+    t_dir = wd.teacher_dir(config)
+    t_tok = models.load_tokenizer(wd.teacher_tokenizer_dir(config))
     teacher = models.load_pretrained(t_dir, **_train_overrides(dc))
     model, tokenizer, info = student_lib.build_student(config, teacher, t_tok, overrides=_train_overrides(dc))
     spec = LossSpec.from_config(dc.loss)
@@ -229,15 +211,16 @@ def run_distill(config, workdir: str) -> dict:
     results = []
     for i, st in enumerate(stages):
         st = dict(st)
-        sub = os.path.join(stage_dir, f"{i}_{st['targets']}")
-        done_marker = os.path.join(sub, "done.json")
+        name = f"{i}_{st['targets']}"
+        sub = wd.stage_dir("distill", name)
         if st["targets"] == "pseudo":
-            raw = pseudo_labels.load_pseudo_labels(os.path.join(workdir, "generate"))
+            raw = pseudo_labels.load_pseudo_labels(wd.pseudo_label_dir)
         elif st["targets"] == "gold":
             raw = _gold(config, config.data.train)
         else:
             raise ValueError(f"distill.stages[{i}].targets: {st['targets']!r}; allowed: pseudo, gold")
-        if os.path.exists(done_marker):  # finished earlier: take its final params
+        sub_record = workdir_lib.read_record(sub)
+        if sub_record is not None and sub_record.get("status") == "done":  # finished earlier: its final params
             result = _train_stage(model, tokenizer, _tokenized(raw, tokenizer, config), [], config, dc, sub,
                                   teacher=teacher, info=info, quant_rules=rules, steps=st["steps"])
         else:
@@ -245,11 +228,10 @@ def run_distill(config, workdir: str) -> dict:
                                   teacher=teacher, info=info, quant_rules=rules, steps=st["steps"])
             _exit_preempted(result)
             if jax.process_index() == 0:
-                from kd_flax import io_utils
-                io_utils.atomic_write_json(done_marker, {"steps": st["steps"], "best": result.best})
+                workdir_lib.write_record(sub, {"stage": f"distill/{name}", "status": "done",
+                                               "result": {"steps": st["steps"], "best": result.best}})
         results.append({"targets": st["targets"], "steps": st["steps"], "best": result.best,
                         "evals": result.evals})
     model = _with_dtype(model, "float32")
-    _finish_model(model, tokenizer, os.path.join(stage_dir, "model"), info=info,
-                  summary={"stages": results, "layer_map": info.to_dict()})
-    return {"stages": [{k: r[k] for k in ("targets", "steps", "best")} for r in results]}
+    _finish_model(model, tokenizer, wd.student_dir, info=info)
+    return {"stages": results, "layer_map": info.to_dict()}

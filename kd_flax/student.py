@@ -14,9 +14,7 @@ under `encoder/layers/...` with a leading layer axis).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 from typing import Any, Sequence
 
 import jax
@@ -270,23 +268,20 @@ LAYER_MAP_KEY = "kd_flax_layer_map"
 
 def save_layer_map(model_dir: str, info: StudentInfo) -> None:
     """Add `kd_flax_layer_map` to `model_dir/config.json` (HF ignores unknown keys)."""
-    path = os.path.join(model_dir, "config.json")
-    with open(path, encoding="utf-8") as f:
-        cfg = json.load(f)
+    from kd_flax import io_utils
+    path = io_utils.join(model_dir, "config.json")
+    cfg = io_utils.read_json(path)
     cfg[LAYER_MAP_KEY] = info.to_dict()
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    io_utils.atomic_write_json(path, cfg)
 
 
 def load_layer_map(model_dir: str) -> StudentInfo | None:
     """The `StudentInfo` recorded in `model_dir/config.json`, or None."""
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.exists(path):
+    from kd_flax import io_utils
+    path = io_utils.join(model_dir, "config.json")
+    if not io_utils.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        d = json.load(f).get(LAYER_MAP_KEY)
+    d = io_utils.read_json(path).get(LAYER_MAP_KEY)
     return None if d is None else StudentInfo.from_dict(d)
 
 

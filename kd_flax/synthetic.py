@@ -103,15 +103,12 @@ def write_split(out_dir: str, name: str, n: int, *, task: SyntheticTask | None =
     Written to a temp name and renamed, so a crash never leaves a partial file; an existing
     file is reused (its content is a pure function of the task, the split name and n).
     """
+    from kd_flax import io_utils
     task = task or SyntheticTask()
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{name}-{n}.jsonl")
-    if not os.path.exists(path):
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for ex in task.sample(n, split_seed=split_seed(name)):
-                f.write(json.dumps(ex, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
+    path = os.fspath(io_utils.join(out_dir, f"{name}-{n}.jsonl"))
+    if not io_utils.exists(path):
+        io_utils.atomic_write_text(path, "".join(json.dumps(ex, ensure_ascii=False) + "\n"
+                                                 for ex in task.sample(n, split_seed=split_seed(name))))
     return path
 
 

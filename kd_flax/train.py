@@ -589,7 +589,6 @@ def train(step_fn: TrainStep, state: TrainState, cfg, *, workdir: str, batches: 
     to `workdir/tb`.
     """
     import orbax.checkpoint as ocp
-    from tensorboardX import SummaryWriter
     from tqdm import tqdm
 
     total = int(_get(cfg, "steps"))
@@ -598,7 +597,8 @@ def train(step_fn: TrainStep, state: TrainState, cfg, *, workdir: str, batches: 
     log_every = max(int(_get(cfg, "log_every", 50) or 50), 1)
     max_nan = int(_get(cfg, "max_nan_steps", 10) or 10)
     best_by = _get(cfg, "keep_best_by", "loss")
-    workdir = os.path.abspath(workdir)
+    from kd_flax import io_utils
+    workdir = io_utils.abspath(workdir)  # Orbax wants absolute paths; a gs:// URL stays one
     writer_proc = jax.process_index() == 0
 
     mgr = ocp.CheckpointManager(os.path.join(workdir, "ckpt"), options=ocp.CheckpointManagerOptions(
@@ -611,7 +611,7 @@ def train(step_fn: TrainStep, state: TrainState, cfg, *, workdir: str, batches: 
         state = _restore(mgr, latest, state)
         log(f"resumed from {mgr.directory} step {latest}")
     start = int(jax.device_get(state.step))
-    tb = SummaryWriter(os.path.join(workdir, "tb")) if writer_proc else None
+    tb = io_utils.summary_writer(os.path.join(workdir, "tb")) if writer_proc else None
     evals: list[dict] = []
     best = None
     losses_run: list[float] = []
@@ -689,8 +689,9 @@ def train(step_fn: TrainStep, state: TrainState, cfg, *, workdir: str, batches: 
 def load_best_params(workdir: str, like_params):
     """The params saved in `workdir/best` (the best evaluation), or None."""
     import orbax.checkpoint as ocp
-    path = os.path.join(os.path.abspath(workdir), "best")
-    if not os.path.isdir(path):
+    from kd_flax import io_utils
+    path = os.path.join(io_utils.abspath(workdir), "best")
+    if not io_utils.is_dir(path):
         return None
     mgr = ocp.CheckpointManager(path)
     step = mgr.best_step() if mgr.best_step() is not None else mgr.latest_step()

@@ -170,7 +170,7 @@ def test_moved_workdir_keeps_stage_hashes(tmp_path):
     """Files `prepare` writes inside the workdir don't tie stage hashes to its location."""
     import shutil
     calls = []
-    fake = lambda config, workdir: calls.append(workdir)  # noqa: E731
+    fake = lambda config, wd: calls.append(wd.root)  # noqa: E731
     c = load_recipe("demo_cpu", "tiny")
     a, b = tmp_path / "a", tmp_path / "b"
     with c.unlocked():
@@ -181,3 +181,34 @@ def test_moved_workdir_keeps_stage_hashes(tmp_path):
         c.data.train = str(b / "data" / "train.jsonl")
     main.run_stage("generate", fake, c, str(b), {})
     assert calls == [str(a)]  # the copy at b was recognised as done
+
+
+def test_cli_config_mistakes_are_one_line_exit_2(tmp_path):
+    """Issue 11, bug 5: a bad override, a bad value type, a missing or broken config file ->
+    one line naming what is wrong (and the closest valid keys), exit status 2, no traceback."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config(arg=None):\n    return 1 / 0\n")
+    base = [sys.executable, "-m", "kd_flax.main", "distill", "--workdir", str(tmp_path / "w")]
+    demo = ["--config", "configs/demo_cpu.py"]
+    cases = [
+        (demo + ["--config.student.no_such_key=1"], ["--config.student.no_such_key: no such key", "student."]),
+        (demo + ["--config.distill.stepz=3"], ["no such key", "distill.steps"]),
+        (demo + ["--config.distill.steps=abc"], ["--config.distill.steps=abc: expected an int"]),
+        (["--config", "configs/nosuch.py"], ["--config configs/nosuch.py: no such file"]),
+        (["--config", str(broken)], [f"{broken}:2: ZeroDivisionError"]),
+    ]
+    for args, wanted in cases:
+        r = subprocess.run(base + args, cwd=ROOT, capture_output=True, text=True, env=env)
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.returncode == 2, (args, r.returncode, r.stderr[-1500:])
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr[-1500:])
+        for w in wanted:
+            assert w in lines[0], (args, lines[0])
+    assert not (tmp_path / "w").exists()  # nothing was started
+
+
+def test_unknown_variant_is_refused(tmp_path):
+    c = load_recipe("demo_cpu", "tiny")
+    with pytest.raises(config_base.ConfigError, match=r"--variants: nosuch not in the config; allowed: gold, seqkd, seqkd_then_gold"):
+        main.run("distill", c, str(tmp_path), variants=["nosuch"])

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kd_flax import pseudo_labels as G
 from kd_flax import io_utils
+from kd_flax.workdir import Workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -157,7 +158,7 @@ def test_job_output_manifest_and_skip(setup, reference_run):
     assert manifest["shards"] == [f"part-{k:05d}" for k in range(5)]  # 42 examples / 10 per shard
     assert manifest["teacher"]["checksum"] == io_utils.tree_checksum(d / "teacher")
     # re-runs find the teacher's per-file digests here instead of reading it again
-    cached = io_utils.read_json(workdir / G.CHECKSUM_CACHE)["files"]
+    cached = io_utils.read_json(Workdir(workdir).checksum_cache)["files"]
     assert any(k.endswith("weights.bin") for k in cached)
     assert manifest["decoding"]["num_beams"] == 3
     recs = records(workdir)

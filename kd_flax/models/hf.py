@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 from typing import Any, Callable
 
 import jax
@@ -28,7 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kd_flax import io_utils
 from kd_flax import sharding as _sharding
+from kd_flax.models.tokenizer import save_tokenizer
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -396,15 +397,6 @@ def export_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
     return out
 
 
-def _atomic_write_bytes(p, data: bytes) -> None:
-    tmp = p.parent / f".{p.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_bytes(data)
-    if _is_local(p):
-        os.replace(os.fspath(tmp), os.fspath(p))
-    else:
-        tmp.rename(p)
-
-
 def save_pretrained(model: nnx.Module, path, tokenizer=None) -> None:
     """Write ``config.json``, ``generation_config.json`` and ``model.safetensors`` (and the
     tokenizer when given) so that ``transformers.AutoModelForSeq2SeqLM.from_pretrained(path)``
@@ -419,13 +411,13 @@ def save_pretrained(model: nnx.Module, path, tokenizer=None) -> None:
     root = _epath(path)
     root.mkdir(parents=True, exist_ok=True)
     hf_config = model.config.to_hf()
-    _atomic_write_bytes(root / WEIGHTS_NAME, st_save(tensors, metadata={"format": "pt"}))
-    _atomic_write_bytes(root / CONFIG_NAME, (json.dumps(hf_config, indent=2, sort_keys=True) + "\n").encode())
+    io_utils.atomic_write_bytes(root / WEIGHTS_NAME, st_save(tensors, metadata={"format": "pt"}))
+    io_utils.atomic_write_bytes(root / CONFIG_NAME, (json.dumps(hf_config, indent=2, sort_keys=True) + "\n").encode())
     gen = generation_defaults(model.config)
     gen.update(dict(getattr(model, "generation_config", None) or {}))
-    _atomic_write_bytes(root / GENERATION_CONFIG_NAME, (json.dumps(gen, indent=2, sort_keys=True) + "\n").encode())
+    io_utils.atomic_write_bytes(root / GENERATION_CONFIG_NAME, (json.dumps(gen, indent=2, sort_keys=True) + "\n").encode())
     if tokenizer is not None:
-        tokenizer.save_pretrained(os.fspath(root) if _is_local(root) else str(root))
+        save_tokenizer(tokenizer, root)
 
 
 def generation_defaults(config) -> dict:

@@ -80,15 +80,31 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, path=None, *, kind: s
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **roles,
                                    additional_special_tokens=list(extra_tokens) or None)
     if path is not None:
-        os.makedirs(os.fspath(path), exist_ok=True)
-        fast.save_pretrained(os.fspath(path))
+        save_tokenizer(fast, path)
     return fast
 
 
+def save_tokenizer(tokenizer, path) -> None:
+    """``tokenizer.save_pretrained`` into a local or ``gs://`` directory. transformers writes
+    local files only, so it writes into a temporary directory and each file is copied into
+    place atomically (a reader never sees a half-written tokenizer.json)."""
+    import tempfile
+
+    from kd_flax import io_utils
+
+    with tempfile.TemporaryDirectory(prefix="kd_flax-tok-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        io_utils.makedirs(path)
+        io_utils.copy_tree(tmp, path)
+
+
 def load_tokenizer(path):
-    """``transformers.AutoTokenizer.from_pretrained(path)`` (a local HF directory)."""
+    """``transformers.AutoTokenizer.from_pretrained(path)`` for a local or ``gs://`` HF directory."""
     from transformers import AutoTokenizer
 
-    if not os.path.isdir(os.fspath(path)):
+    from kd_flax import io_utils
+
+    if not io_utils.is_dir(path):
         raise ValueError(f"load_tokenizer: {os.fspath(path)!r} is not a directory")
-    return AutoTokenizer.from_pretrained(os.fspath(path))
+    with io_utils.local_dir(path) as local:
+        return AutoTokenizer.from_pretrained(local)

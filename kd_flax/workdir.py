@@ -1,0 +1,214 @@
+"""The workdir: where every stage's outputs and record live, local paths and ``gs://`` alike.
+
+```
+WORKDIR/
+  data/  tokenizer/            made by `main.prepare` from the config (synthetic data, a tokenizer)
+  finetune/  generate/         shared stages: the teacher and its pseudo-labels
+  distill/ evaluate/ export/   the student stages (no variants)
+  variants/NAME/{distill,evaluate,export}/   the student stages of variant NAME
+  report.md  report.png
+```
+
+A `Workdir(root, variant)` answers every "where is ..." question (a stage's directory, the
+teacher, the pseudo-labels, the student, the export summary), so no stage builds such a path
+itself. Variants share `data/`, `tokenizer/`, `finetune/` and `generate/` through these
+answers, not through symlinks (which object stores do not have).
+
+One record format: a stage, and each resumable sub-stage of one (the `distill.stages`
+entries), records ``stage.json`` in its directory: ``stage``, ``status`` ("running" |
+"done"), ``config`` (the keys it depends on), ``upstream`` (the hashes of the stage records
+it consumed), ``config_hash`` and, when done, ``result`` and ``seconds``. `check_record`
+is the one place that compares a record with the settings of a new run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+from kd_flax import config_base, io_utils
+
+RECORD = "stage.json"
+SHARED_STAGES = ("finetune", "generate")
+STUDENT_STAGES = ("distill", "evaluate", "export")
+STAGES = SHARED_STAGES + STUDENT_STAGES
+
+
+class StageRefused(ValueError):
+    """A stage's directory holds outputs made with other settings (the message names them)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Workdir:
+    """`root`: the top workdir (local path, made absolute, or URL); `variant`: the student
+    variant whose stages this view addresses (None: the top-level student stages)."""
+
+    root: str
+    variant: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", io_utils.abspath(self.root))
+        if self.variant == "":
+            object.__setattr__(self, "variant", None)
+
+    @classmethod
+    def of(cls, workdir) -> "Workdir":
+        """A `Workdir` from a Workdir or a path (stage functions accept either)."""
+        return workdir if isinstance(workdir, Workdir) else cls(os.fspath(workdir))
+
+    def for_variant(self, name: str | None) -> "Workdir":
+        return Workdir(self.root, name)
+
+    @property
+    def remote(self) -> bool:
+        return io_utils.is_remote(self.root)
+
+    def path(self, *parts: str) -> str:
+        """A path below the top workdir."""
+        return os.path.join(self.root, *parts) if not self.remote else "/".join((self.root,) + parts)
+
+    @property
+    def student_root(self) -> str:
+        """Where this view's student stages live: WORKDIR, or WORKDIR/variants/NAME."""
+        return self.root if self.variant is None else self.path("variants", self.variant)
+
+    def stage_dir(self, stage: str, *parts: str) -> str:
+        if stage in SHARED_STAGES:
+            return self.path(stage, *parts)
+        if stage in STUDENT_STAGES:
+            return "/".join((self.student_root, stage) + parts) if self.remote \
+                else os.path.join(self.student_root, stage, *parts)
+        raise ValueError(f"stage {stage!r} is unknown; allowed: {', '.join(STAGES)}")
+
+    # -- what the stages read -------------------------------------------------------------
+
+    @property
+    def data_dir(self) -> str:
+        return self.path("data")
+
+    @property
+    def tokenizer_dir(self) -> str:
+        return self.path("tokenizer")
+
+    @property
+    def checksum_cache(self) -> str:
+        """Per-file digests of the teacher (`io_utils.tree_checksum`); outside `generate/` so
+        that `--force`, which empties it, keeps them."""
+        return self.path(".teacher_checksums.json")
+
+    @property
+    def trained_teacher_dir(self) -> str:
+        return self.stage_dir("finetune", "model")
+
+    def teacher_dir(self, config) -> str:
+        """The teacher checkpoint: the one `finetune` trained here, else ``teacher.path``.
+
+        A finetune stage that started but did not finish is refused rather than skipped over
+        to the raw ``teacher.path`` (its pseudo-labels would come from another teacher)."""
+        record = read_record(self.stage_dir("finetune"))
+        trained = self.trained_teacher_dir
+        if record is not None and record.get("status") != "done":
+            raise StageRefused(f"the finetune stage in {self.stage_dir('finetune')} is not finished "
+                               f"(status {record.get('status')!r}); run it to the end first")
+        if io_utils.exists(io_utils.join(trained, "config.json")):
+            return trained
+        path = config.teacher.get("path") if hasattr(config.teacher, "get") else None
+        if not path:
+            raise ValueError(f"teacher.path: required (an HF checkpoint dir); the finetune stage's "
+                             f"{trained} does not exist either")
+        if not io_utils.exists(path):
+            raise ValueError(f"teacher.path: {path!r} does not exist")
+        return os.fspath(path)
+
+    def teacher_tokenizer_dir(self, config) -> str:
+        """The teacher's tokenizer: saved beside the teacher, else ``teacher.tokenizer``."""
+        t_dir = self.teacher_dir(config)
+        if io_utils.exists(io_utils.join(t_dir, "tokenizer.json")) or not config.teacher.get("tokenizer"):
+            return t_dir
+        return config.teacher.tokenizer
+
+    @property
+    def pseudo_label_dir(self) -> str:
+        return self.stage_dir("generate")
+
+    @property
+    def student_dir(self) -> str:
+        return self.stage_dir("distill", "model")
+
+    @property
+    def export_dir(self) -> str:
+        return self.stage_dir("export")
+
+    # -- records and summaries ------------------------------------------------------------
+
+    def record(self, stage: str) -> dict | None:
+        return read_record(self.stage_dir(stage))
+
+    def result(self, stage: str) -> dict | None:
+        """The `result` of a finished stage, or None."""
+        rec = self.record(stage)
+        return rec.get("result") if rec and rec.get("status") == "done" else None
+
+    def export_summary(self) -> dict | None:
+        """`export/summary.json` of this view's student, or None."""
+        path = self.stage_dir("export", "summary.json")
+        return io_utils.read_json(path) if io_utils.exists(path) else None
+
+    def eval_results(self) -> dict | None:
+        """`evaluate/results.json` of this view, or None."""
+        path = self.stage_dir("evaluate", "results.json")
+        return io_utils.read_json(path) if io_utils.exists(path) else None
+
+    def variants(self) -> list[str]:
+        """Names of the variants that have a directory under WORKDIR/variants."""
+        return io_utils.listdir(self.path("variants"))
+
+
+# ---------------------------------------------------------------------------
+# The one record format
+# ---------------------------------------------------------------------------
+
+
+def read_record(directory) -> dict | None:
+    path = io_utils.join(directory, RECORD)
+    return io_utils.read_json(path) if io_utils.exists(path) else None
+
+
+def write_record(directory, record: dict) -> None:
+    """Atomically (re)writes ``directory/stage.json``; values JSON can't hold become strings."""
+    import json
+    io_utils.atomic_write_json(io_utils.join(directory, RECORD),
+                               json.loads(json.dumps(dict(record, updated=time.time()), default=str)))
+
+
+def new_record(stage: str, config: Any, upstream: dict[str, str] | None = None) -> dict:
+    """A record (status unset) for `stage` depending on `config` and `upstream` hashes."""
+    upstream = dict(upstream or {})
+    return {"stage": stage, "config": config, "upstream": upstream,
+            "config_hash": config_base.config_hash({"keys": config, "upstream": upstream})}
+
+
+def check_record(old: dict | None, new: dict, directory, *, force: bool = False,
+                 remove=None) -> dict | None:
+    """Compares the record found in `directory` with the one a run would write.
+
+    Returns the old record when it was made with the same settings (the caller skips a
+    finished stage or resumes an unfinished one), or None when there is none. Other settings
+    are refused, naming the changed keys, unless `force`: then `remove()` (default: empty the
+    directory) clears the old outputs and None is returned.
+    """
+    if old is None or old.get("config_hash") == new["config_hash"]:
+        return old
+    changed = (config_base.diff_keys(old.get("config"), new["config"])
+               + config_base.diff_keys(old.get("upstream") or {}, new["upstream"], "upstream"))
+    if not force:
+        raise StageRefused(
+            f"stage {new['stage']!r} in {directory} was produced with other settings; changed: "
+            f"{', '.join(changed) or '(upstream)'}. Use another --workdir, or --force to redo it.")
+    import logging
+    logging.getLogger(__name__).warning("--force: redoing stage %s in %s (changed: %s)",
+                                        new["stage"], directory, ", ".join(changed))
+    (remove or (lambda: io_utils.rmtree(directory)))()
+    return None
