@@ -17,6 +17,25 @@ import ml_collections
 
 from kd_flax.sharding import DEFAULT_RULES
 
+
+def cfg_get(cfg, key: str, default=None):
+    """`cfg[key]` or `default`, for ConfigDicts, plain dicts, None and objects alike (the one
+    config accessor: stages, train and the teacher job read optional keys through it)."""
+    if cfg is None:
+        return default
+    if hasattr(cfg, "get"):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def cfg_choice(cfg, key: str, allowed, where: str):
+    """`cfg_get(cfg, key)`, or a ValueError naming `where.key` and the allowed values."""
+    v = cfg_get(cfg, key)
+    if v not in allowed:
+        raise ValueError(f"{where}.{key}: {v!r} is not allowed; allowed values: {list(allowed)}")
+    return v
+
+
 # ---------------------------------------------------------------------------
 # Mesh presets: mesh axes and the logical-axis → mesh-axis rules for each target.
 # "data" carries the batch, "fsdp" shards parameters *and* the batch (ZeRO-3 style),

@@ -36,6 +36,7 @@ import numpy as np
 
 from kd_flax import data as data_lib
 from kd_flax import io_utils
+from kd_flax.config_base import cfg_get as _get
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,6 @@ class GenerateError(ValueError):
 
 
 # ----------------------------------------------------------------------------- config
-
-
-def _get(cfg, key, default=None):
-    try:
-        return cfg[key] if key in cfg else default
-    except TypeError:
-        return getattr(cfg, key, default)
 
 
 def validate_config(config) -> None:

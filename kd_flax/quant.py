@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_flax.tree_paths import path_str
+
 WEIGHT_BITS = (2, 4, 8)
 ACT_BITS = (8, None)
 MODES = ("symmetric", "asymmetric", "ternary")
@@ -458,12 +460,6 @@ def _key_parts(key_path) -> list[tuple[str, Any]]:
     if parts and parts[-1] == ("a", "value"):
         parts = parts[:-1]
     return parts
-
-
-def path_str(key_path) -> str:
-    """``"encoder/layers/0/self_attn/q_proj/kernel"`` from a ``jax.tree_util`` key path
-    (DictKey, GetAttrKey, SequenceKey, FlattenedIndexKey; nnx ``State`` paths included)."""
-    return "/".join(str(v) for _, v in _key_parts(key_path))
 
 
 def _find_rule(path: str, rules: Sequence[QuantRule]):

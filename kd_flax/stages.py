@@ -15,8 +15,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kd_flax import sharding
-from kd_flax.train import (_get, init_train_state, load_best_params, make_eval_step, make_train_step,
-                           model_batch, split_model, train, LossSpec, _merge)
+from kd_flax.config_base import cfg_get as _get
+from kd_flax.objectives import LossSpec
+from kd_flax.train import (init_train_state, load_best_params, make_eval_step, make_train_step,
+                           model_batch, split_model, train, _merge)
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kd_flax import quant as Q
+from kd_flax.tree_paths import path_str
 
 SETTINGS = settings(max_examples=8, deadline=None)
 
@@ -235,7 +236,7 @@ def test_path_str_and_default_rules():
 
     jax.tree_util.register_dataclass(Box, data_fields=["w"], meta_fields=[])
     tree = {"a": [np.zeros(1), (np.zeros(1),)], "b": Box(np.zeros(1))}
-    paths = [Q.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+    paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
     assert paths == ["a/0", "a/1/0", "b/w"]
 
     rules = Q.default_rules(8)
@@ -325,7 +326,7 @@ def test_quantize_params_on_nnx_state():
     changed = {}
     for (kp, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(state),
                                jax.tree_util.tree_leaves_with_path(qstate)):
-        changed[Q.path_str(kp)] = not np.array_equal(a, b)
+        changed[path_str(kp)] = not np.array_equal(a, b)
     assert changed == {
         "embed_positions/embedding": False, "embed_tokens/embedding": True,
         "final_norm/bias": False, "final_norm/scale": False,
