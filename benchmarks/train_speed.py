@@ -4,7 +4,7 @@ Student T5-small shape (d 512, 6+6 layers, 8 heads, d_ff 2048, vocab 32128), tea
 shape (d 768, 12+12 layers, 12 heads, d_ff 3072), random weights, batch 16 × 32 source / 32
 target tokens, float32. One step = teacher forward (no grad) + student forward +
 (CE + T²·KL(teacher ‖ student)) + backward + global-norm clipping + AdamW. Also the kd_flax
-step with W8A8 fake quantization (weights by `quant.default_rules(8)`, activations 8-bit
+step with W8A8 fake quantization (weights by `quant.rules_for(student, {"weight_bits": 8})`, activations 8-bit
 dynamic per tensor at every Dense input) and its overhead over the float step.
 
     python benchmarks/train_speed.py                 # full size (a few minutes on 2 cores)
@@ -77,7 +77,7 @@ def bench_kd_flax(args, s_kw, t_kw, batch, *, w8a8: bool):
                       "weight_decay": 0.01, "grad_clip_norm": 1.0, "b1": 0.9, "b2": 0.999},
         "loss": {"ce_weight": 1.0, "kd_weight": 1.0, "kd_type": "kl", "temperature": args.temperature},
     })
-    rules = quant.default_rules(8) if w8a8 else None
+    rules = quant.rules_for(student, {"weight_bits": 8 if w8a8 else 0})
     step = train.make_train_step(student, cfg, teacher=teacher, quant_rules=rules)
     tp = nnx.state(teacher, nnx.Param)
     state = [train.init_train_state(nnx.state(student, nnx.Param), cfg)]

@@ -17,6 +17,25 @@ import ml_collections
 
 from kd_flax.sharding import DEFAULT_RULES
 
+
+def cfg_get(cfg, key: str, default=None):
+    """`cfg[key]` or `default`, for ConfigDicts, plain dicts, None and objects alike (the one
+    config accessor: stages, train and the teacher job read optional keys through it)."""
+    if cfg is None:
+        return default
+    if hasattr(cfg, "get"):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def cfg_choice(cfg, key: str, allowed, where: str):
+    """`cfg_get(cfg, key)`, or a ValueError naming `where.key` and the allowed values."""
+    v = cfg_get(cfg, key)
+    if v not in allowed:
+        raise ValueError(f"{where}.{key}: {v!r} is not allowed; allowed values: {list(allowed)}")
+    return v
+
+
 # ---------------------------------------------------------------------------
 # Mesh presets: mesh axes and the logical-axis → mesh-axis rules for each target.
 # "data" carries the batch, "fsdp" shards parameters *and* the batch (ZeRO-3 style),
@@ -251,8 +270,9 @@ for _blk in ("finetune", "distill"):
         f"{_blk}.optimizer.name": ("adamw", "adafactor"),
         f"{_blk}.optimizer.schedule": ("constant", "linear", "cosine", "rsqrt"),
         f"{_blk}.loss.smoothing": ("fairseq", "uniform"),
-        f"{_blk}.loss.kd_type": ("kl", "interpolated", "reverse_kl", "jsd", "topk"),
     })
+# `{finetune,distill}.loss.kd_type` is checked against `objectives.KD_LOSSES` in `validate`
+# (objectives imports this module, so the table is read there, not here).
 
 # (low, high, low_inclusive, high_inclusive)
 RANGES = {
@@ -357,6 +377,8 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
     base = _flatten(base_config().to_dict())
     flat = _flatten(cfg)
     problems: list[str] = []
+    from kd_flax.objectives import KD_LOSSES
+    choices = dict(CHOICES, **{f"{blk}.loss.kd_type": tuple(KD_LOSSES) for blk in ("finetune", "distill")})
 
     for key in sorted(set(flat) - set(base)):
         if not any(key.startswith(f + ".") or key == f for f in FREE_FORM):
@@ -374,12 +396,12 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
         if not _type_ok(value, default):
             problems.append(f"{key}: expected {_type_name(default)}, got {type(value).__name__} {value!r}")
             continue
-        if key in CHOICES and value not in CHOICES[key]:
-            problems.append(f"{key}: {value!r} is not allowed; allowed values: {list(CHOICES[key])}")
-        if key + "[]" in CHOICES and isinstance(value, (list, tuple)):
-            bad = [v for v in value if v not in CHOICES[key + "[]"]]
+        if key in choices and value not in choices[key]:
+            problems.append(f"{key}: {value!r} is not allowed; allowed values: {list(choices[key])}")
+        if key + "[]" in choices and isinstance(value, (list, tuple)):
+            bad = [v for v in value if v not in choices[key + "[]"]]
             if bad:
-                problems.append(f"{key}: {bad} not allowed; allowed values: {list(CHOICES[key + '[]'])}")
+                problems.append(f"{key}: {bad} not allowed; allowed values: {list(choices[key + '[]'])}")
         if key in RANGES and isinstance(value, (int, float)):
             lo, hi, lo_inc, hi_inc = RANGES[key]
             bad = (lo is not None and (value < lo or (value == lo and not lo_inc))) or (

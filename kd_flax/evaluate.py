@@ -261,34 +261,36 @@ def model_dirs(config, workdir) -> dict[str, str]:
     return out
 
 
-def param_bytes(model, weight_bits: int = 0, granularity: str = "channel") -> tuple[int, int]:
-    """(#parameters, bytes): float leaves at their dtype; with weight quantization the leaves
-    that `kd_flax.quant.default_rules` quantizes count `weight_bits` bits each."""
+def param_bytes(model, quant_cfg=None) -> tuple[int, int]:
+    """(#parameters, bytes): float leaves at their dtype; the leaves that
+    `quant.rules_for(model, quant_cfg)` quantizes count their rule's bits each."""
     from flax import nnx
     import jax
     from kd_flax import quant
+    from kd_flax.tree_paths import path_str
     state = nnx.state(model, nnx.Param)
+    rules = quant.rules_for(model, quant_cfg)
     # Which leaves the rules cover — by path, not by whether values change: weights already
     # on the quantization grid (a fake-quant-trained student) still ship as integers.
-    quantized = set(quant.matched_paths(state, quant.default_rules(weight_bits, granularity=granularity))) \
-        if weight_bits else set()
+    quantized = quant.matched_paths(state, rules) if rules else {}
     n, size = 0, 0.0
     for path, leaf in jax.tree_util.tree_leaves_with_path(state):
         n += leaf.size
-        size += leaf.size * (weight_bits / 8 if quant.path_str(path) in quantized else leaf.dtype.itemsize)
+        rule = quantized.get(path_str(path))
+        size += leaf.size * (rule.bits / 8 if rule is not None else leaf.dtype.itemsize)
     return int(n), int(math.ceil(size))
 
 
-def _apply_weight_quant(model, bits: int, granularity: str = "channel") -> None:
-    """Evaluate a fake-quant-trained student with its weights quantized as in training
-    (idempotent when the saved weights are already on the grid)."""
+def apply_weight_quant(model, quant_cfg) -> bool:
+    """Quantize `model`'s weights in place as training did (`quant.rules_for`; idempotent
+    when the saved weights are already on the grid). False when there is nothing to do."""
     from flax import nnx
     from kd_flax import quant
-    state = nnx.state(model, nnx.Param)
-    pure = nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
-    q = quant.quantize_params(pure, quant.default_rules(bits, granularity=granularity))
-    nnx.replace_by_pure_dict(state, q)
-    nnx.update(model, state)
+    rules = quant.rules_for(model, quant_cfg)
+    if not rules:
+        return False
+    nnx.update(model, quant.quantize_params(nnx.state(model, nnx.Param), rules))
+    return True
 
 
 def _load(path: str, config, mesh, rules):
@@ -332,13 +334,13 @@ def run(config, workdir, *, load_fn: Callable | None = None,
                                "models": {}}
     for mname, mpath in dirs.items():
         model, tokenizer = load_fn(mpath)
-        bits = int(config.student.quant.weight_bits or 0) if mname == "student" else 0
-        gran = config.student.quant.get("granularity", "channel")
+        qcfg = config.student.quant if mname == "student" else None
+        bits = int(qcfg.weight_bits or 0) if qcfg is not None else 0
         from flax import nnx
-        if bits:
-            _apply_weight_quant(model, bits, gran)
-        # A stand-in model (tests) has no nnx parameters to count.
-        n_params, n_bytes = param_bytes(model, bits, gran) if isinstance(model, nnx.Module) else (0, 0)
+        # A stand-in model (tests) has no nnx parameters to quantize or count.
+        if isinstance(model, nnx.Module):
+            apply_weight_quant(model, qcfg)
+        n_params, n_bytes = param_bytes(model, qcfg) if isinstance(model, nnx.Module) else (0, 0)
         meter = SpeedMeter()
         bleu, chrf, per_split = [], [], {}
         for sname, (sources, refs) in data.items():

@@ -21,15 +21,6 @@ from flax import nnx
 from kd_flax import evaluate, io_utils, quant
 
 
-def quant_rules(config):
-    """The weight-quantization rules of a config's student (None when weights stay float)."""
-    q = config.student.quant
-    if not q.weight_bits:
-        return None
-    scan = bool(config.student.model.get("scan_layers", False)) if hasattr(config.student.model, "get") else False
-    return quant.default_rules(q.weight_bits, granularity=q.granularity, scan_layers=scan)
-
-
 def run(config, workdir) -> dict:
     from kd_flax.models import load_pretrained, load_tokenizer, save_pretrained
     from kd_flax.workdir import Workdir
@@ -40,7 +31,7 @@ def run(config, workdir) -> dict:
     tokenizer = load_tokenizer(src)
     n_params, float_bytes = evaluate.param_bytes(model)
     graphdef, state = nnx.split(model)
-    rules = quant_rules(config)
+    rules = quant.rules_for(model, config.student.quant)
     summary = {"source": src, "params": n_params, "float32_bytes": float_bytes,
                "weight_bits": int(config.student.quant.weight_bits),
                "act_bits": int(config.student.quant.act_bits)}

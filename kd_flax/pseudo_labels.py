@@ -38,6 +38,7 @@ from kd_flax import data as data_lib
 from kd_flax import io_utils, sharding
 from kd_flax import workdir as workdir_lib
 from kd_flax.workdir import Workdir
+from kd_flax.config_base import cfg_get as _get
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +55,6 @@ class GenerateError(ValueError):
 
 
 # ----------------------------------------------------------------------------- config
-
-
-def _get(cfg, key, default=None):
-    try:
-        return cfg[key] if key in cfg else default
-    except TypeError:
-        return getattr(cfg, key, default)
 
 
 def validate_config(config) -> None:

@@ -38,6 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_flax.config_base import cfg_get
+from kd_flax.tree_paths import path_str
+
 WEIGHT_BITS = (2, 4, 8)
 ACT_BITS = (8, None)
 MODES = ("symmetric", "asymmetric", "ternary")
@@ -460,10 +463,19 @@ def _key_parts(key_path) -> list[tuple[str, Any]]:
     return parts
 
 
-def path_str(key_path) -> str:
-    """``"encoder/layers/0/self_attn/q_proj/kernel"`` from a ``jax.tree_util`` key path
-    (DictKey, GetAttrKey, SequenceKey, FlattenedIndexKey; nnx ``State`` paths included)."""
-    return "/".join(str(v) for _, v in _key_parts(key_path))
+def rules_for(model, quant_cfg) -> tuple[QuantRule, ...] | None:
+    """The weight fake-quant rules of ``model`` under a ``student.quant`` block
+    (``weight_bits``, ``granularity``): the one home of quantization rules — training, the
+    dev evaluation, ``evaluate`` and ``export`` all call it, so a student is scored and
+    exported with the scales it was trained with. ``scan_layers`` comes from the model's own
+    config (stacked kernels get one scale per layer and channel). ``None`` when weights stay
+    float (no block, ``weight_bits=0``)."""
+    bits = int(cfg_get(quant_cfg, "weight_bits", 0) or 0)
+    if not bits:
+        return None
+    scan = bool(getattr(getattr(model, "config", None), "scan_layers", False))
+    return default_rules(bits, granularity=cfg_get(quant_cfg, "granularity", "channel") or "channel",
+                         scan_layers=scan)
 
 
 def _find_rule(path: str, rules: Sequence[QuantRule]):

@@ -22,6 +22,8 @@ import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from kd_flax.tree_paths import path_str
+
 LOGICAL_AXES = "logical_axes"  # nnx.Variable metadata key (see kd_flax.models.layers)
 
 # (logical name, mesh axis | tuple of mesh axes | None)
@@ -238,5 +240,5 @@ def describe(state, mesh, rules=None) -> dict[str, Any]:
     """``{param path: PartitionSpec}`` (for logs and tests)."""
     out = {}
     for path, var in nnx.to_flat_state(state):
-        out["/".join(str(p) for p in path)] = variable_sharding(var, mesh, rules).spec
+        out[path_str(path)] = variable_sharding(var, mesh, rules).spec
     return out

@@ -15,9 +15,11 @@ from flax import nnx
 
 from kd_flax import sharding
 from kd_flax import workdir as workdir_lib
+from kd_flax.config_base import cfg_get as _get
+from kd_flax.objectives import LossSpec
+from kd_flax.train import (init_train_state, load_best_params, make_eval_step, make_train_step,
+                           model_batch, split_model, train, _merge)
 from kd_flax.workdir import Workdir
-from kd_flax.train import (_get, init_train_state, load_best_params, make_eval_step, make_train_step,
-                           model_batch, split_model, train, LossSpec, _merge)
 
 log = logging.getLogger(__name__)
 
@@ -167,19 +169,30 @@ def run_finetune(config, workdir) -> dict:
     dev = _tokenized(_gold(config, config.data.dev), tokenizer, config)
     result = _train_stage(model, tokenizer, train_ex, dev, config, config.finetune, stage_dir)
     _exit_preempted(result)
-    model = _with_dtype(model, "float32")
+    model = _rebuilt(model, dtype="float32")
     _finish_model(model, tokenizer, wd.trained_teacher_dir)
     return {"steps": int(config.finetune.steps), "best": result.best, "evals": result.evals}
 
 
-def _with_dtype(model, dtype):
-    """The same weights with compute dtype `dtype` (export always in float32 compute)."""
+def _rebuilt(model, **fields):
+    """The same weights under a model config with `fields` replaced (e.g. `dtype="float32"`
+    to export in float32 compute, `act_quant_bits=None` for a float stage); `model` itself
+    when nothing changes."""
     from kd_flax import models
-    if getattr(model.config, "dtype", "float32") == dtype:
+    if all(getattr(model.config, k, None) == v for k, v in fields.items()):
         return model
-    new = models.create_model(model.config.replace(dtype=dtype), nnx.Rngs(0))
+    new = models.create_model(model.config.replace(**fields), nnx.Rngs(0))
     nnx.update(new, nnx.state(model, nnx.Param))
     return new
+
+
+def stage_model(model, rules, quantized: bool):
+    """`(model, weight rules)` one `distill.stages` entry trains with. A `quant: False` stage
+    trains in float: no weight fake-quant rules and the same params under a graph with
+    activation fake-quant off (`act_quant_bits=None`); a quantized stage keeps both."""
+    if quantized:
+        return model, rules
+    return _rebuilt(model, act_quant_bits=None), None
 
 
 def run_distill(config, workdir) -> dict:
@@ -203,9 +216,7 @@ def run_distill(config, workdir) -> dict:
                                     attention=spec.attention_weight > 0, info=info)
     if not spec.needs_teacher:
         teacher = None  # SeqKD alone: the teacher's knowledge is in the pseudo-labels
-    bits = int(_get(config.student.quant, "weight_bits", 0) or 0)
-    rules = quant.default_rules(bits, granularity=config.student.quant.granularity,
-                                scan_layers=bool(getattr(model.config, "scan_layers", False))) if bits else None
+    rules = quant.rules_for(model, config.student.quant)
     dev = _tokenized(_gold(config, config.data.dev), tokenizer, config)
     stages = list(dc.stages)
     results = []
@@ -219,19 +230,20 @@ def run_distill(config, workdir) -> dict:
             raw = _gold(config, config.data.train)
         else:
             raise ValueError(f"distill.stages[{i}].targets: {st['targets']!r}; allowed: pseudo, gold")
+        s_model, s_rules = stage_model(model, rules, bool(st.get("quant", True)))
         sub_record = workdir_lib.read_record(sub)
-        if sub_record is not None and sub_record.get("status") == "done":  # finished earlier: its final params
-            result = _train_stage(model, tokenizer, _tokenized(raw, tokenizer, config), [], config, dc, sub,
-                                  teacher=teacher, info=info, quant_rules=rules, steps=st["steps"])
-        else:
-            result = _train_stage(model, tokenizer, _tokenized(raw, tokenizer, config), dev, config, dc, sub,
-                                  teacher=teacher, info=info, quant_rules=rules, steps=st["steps"])
+        done = sub_record is not None and sub_record.get("status") == "done"  # finished earlier: its final params
+        result = _train_stage(s_model, tokenizer, _tokenized(raw, tokenizer, config), [] if done else dev, config,
+                              dc, sub, teacher=teacher, info=info, quant_rules=s_rules, steps=st["steps"])
+        if s_model is not model:  # the next stage starts from what this one trained
+            nnx.update(model, nnx.state(s_model, nnx.Param))
+        if not done:
             _exit_preempted(result)
             if jax.process_index() == 0:
                 workdir_lib.write_record(sub, {"stage": f"distill/{name}", "status": "done",
                                                "result": {"steps": st["steps"], "best": result.best}})
         results.append({"targets": st["targets"], "steps": st["steps"], "best": result.best,
                         "evals": result.evals})
-    model = _with_dtype(model, "float32")
+    model = _rebuilt(model, dtype="float32")
     _finish_model(model, tokenizer, wd.student_dir, info=info)
     return {"stages": results, "layer_map": info.to_dict()}

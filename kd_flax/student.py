@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kd_flax.tree_paths import path_str
+
 log = logging.getLogger(__name__)
 
 STACKS = ("encoder", "decoder")
@@ -133,10 +135,6 @@ def _layer_position(path: tuple) -> tuple[str, int] | None:
     return None
 
 
-def _pstr(path: tuple) -> str:
-    return "/".join(str(p) for p in path)
-
-
 def copy_layers(student, teacher, layer_map: dict[str, Sequence[int]]) -> None:
     """Overwrite `student`'s params in place with the teacher's chosen layers.
 
@@ -167,11 +165,11 @@ def copy_layers(student, teacher, layer_map: dict[str, Sequence[int]]) -> None:
                 if t_val is not None:
                     t_val = jnp.take(jnp.asarray(t_val), jnp.asarray(lmap), axis=0)
         if t_val is None:
-            raise ValueError(f"layer copy: the teacher has no parameter {_pstr(src_path)} for the "
-                             f"student's {_pstr(path)}; is the student the teacher's family?")
+            raise ValueError(f"layer copy: the teacher has no parameter {path_str(src_path)} for the "
+                             f"student's {path_str(path)}; is the student the teacher's family?")
         if tuple(np.shape(t_val)) != tuple(np.shape(s_val)):
-            raise ValueError(f"layer copy: shape mismatch for {_pstr(path)}: student "
-                             f"{tuple(np.shape(s_val))} vs teacher {_pstr(src_path)} "
+            raise ValueError(f"layer copy: shape mismatch for {path_str(path)}: student "
+                             f"{tuple(np.shape(s_val))} vs teacher {path_str(src_path)} "
                              f"{tuple(np.shape(t_val))}; layer copy needs equal widths "
                              f"(use student.init='scratch' for a different shape)")
         new[path] = jnp.asarray(t_val, dtype=jnp.asarray(s_val).dtype)

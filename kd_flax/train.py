@@ -2,13 +2,14 @@
 
 The step is one `jax.jit` over a `TrainState` (student params + optimizer state + counters;
 the teacher's params are a separate, non-differentiated argument and never enter the state
-or its checkpoints). Its loss is composed from the config's `loss` block; every term is a
-`(sum, count)` pair and the division happens once, globally, so the mean is exact across
-devices and gradient-accumulation micro-steps.
+or its checkpoints). Its loss is `kd_flax.objectives` over the config's `loss` block; every
+term is a `(sum, count)` pair and the division happens once, globally, so the mean is exact
+across devices and gradient-accumulation micro-steps.
 
 Batches are dicts of `[B, ...]` arrays: `input_ids, attention_mask, decoder_input_ids,
-labels, decoder_attention_mask` (the label weights), optionally `teacher_topk_logprobs`,
-`teacher_topk_ids` `[B, T, k]` for cached top-k KD.
+labels, decoder_attention_mask`, `loss_mask` (0 on the pad rows `data.batches` adds; they
+count in no term), optionally `teacher_topk_logprobs`, `teacher_topk_ids` `[B, T, k]` for
+cached top-k KD.
 """
 
 from __future__ import annotations
@@ -27,31 +28,14 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from kd_flax import losses, sharding
+from kd_flax import losses, objectives, quant, sharding
+from kd_flax.config_base import cfg_choice as _choice, cfg_get as _get
+from kd_flax.objectives import LossSpec, combine
+from kd_flax.tree_paths import path_str
 
 log = logging.getLogger(__name__)
 
 STAGE_DIRS = ("ckpt", "best", "tb", "model")
-
-
-# ---------------------------------------------------------------------------
-# Config access: works for ConfigDicts and plain dicts
-# ---------------------------------------------------------------------------
-
-
-def _get(cfg, key, default=None):
-    if cfg is None:
-        return default
-    if isinstance(cfg, dict):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default) if not hasattr(cfg, "get") else cfg.get(key, default)
-
-
-def _choice(cfg, key, allowed, where):
-    v = _get(cfg, key)
-    if v not in allowed:
-        raise ValueError(f"{where}.{key}: {v!r} is not allowed; allowed values: {list(allowed)}")
-    return v
 
 
 # ---------------------------------------------------------------------------
@@ -70,25 +54,10 @@ class TrainState:
     rng: jax.Array         # uint32[2]; per-step keys are fold_in(rng, step)
 
 
-def _key_name(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def path_names(path) -> list[str]:
-    """A jax key path as names, without nnx's trailing `.value`."""
-    names = [_key_name(k) for k in path]
-    if names and names[-1] == "value":
-        names = names[:-1]
-    return names
-
-
 def decay_mask(params):
     """True where weight decay applies: not on biases nor on any norm's params."""
     def keep(path, _):
-        names = path_names(path)
+        names = path_str(path).split("/")
         return not (names[-1] == "bias" or any("norm" in n for n in names))
     return jax.tree_util.tree_map_with_path(keep, params)
 
@@ -166,11 +135,11 @@ def state_shardings(state: TrainState, mesh, rules) -> TrainState:
     by_path = {}
     for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(state.params)[0],
                                 jax.tree.leaves(p_sh)):
-        by_path[tuple(path_names(path))] = (np.shape(leaf), sh)
+        by_path[tuple(path_str(path).split("/"))] = (np.shape(leaf), sh)
     rep = _replicated(mesh)
 
     def opt_leaf(path, leaf):
-        names = tuple(path_names(path))
+        names = tuple(path_str(path).split("/"))
         for k in range(len(names)):
             hit = by_path.get(names[k:])
             if hit is not None and hit[0] == np.shape(leaf):
@@ -179,162 +148,6 @@ def state_shardings(state: TrainState, mesh, rules) -> TrainState:
 
     o_sh = jax.tree_util.tree_map_with_path(opt_leaf, state.opt_state)
     return TrainState(step=rep, params=p_sh, opt_state=o_sh, nan_skips=rep, nan_streak=rep, rng=rep)
-
-
-# ---------------------------------------------------------------------------
-# The loss
-# ---------------------------------------------------------------------------
-
-TERMS = ("ce", "kd", "hidden", "attention")
-
-
-@dataclasses.dataclass(frozen=True)
-class LossSpec:
-    """The `loss` block, read once (static for jit)."""
-    ce_weight: float = 1.0
-    label_smoothing: float = 0.0
-    smoothing: str = "fairseq"
-    kd_weight: float = 0.0
-    kd_type: str = "kl"
-    temperature: float = 1.0
-    lam: float = 0.5
-    beta: float = 0.5
-    fused: bool = False
-    topk: int = 8
-    hidden_weight: float = 0.0
-    attention_weight: float = 0.0
-
-    @classmethod
-    def from_config(cls, lcfg) -> "LossSpec":
-        if lcfg is None:
-            return cls()
-        kw = {f.name: _get(lcfg, f.name, f.default) for f in dataclasses.fields(cls)}
-        spec = cls(**kw)
-        _choice(kw, "kd_type", ("kl", "interpolated", "reverse_kl", "jsd", "topk"), "loss")
-        _choice(kw, "smoothing", ("fairseq", "uniform"), "loss")
-        if spec.fused and spec.kd_type != "kl" and spec.kd_weight > 0:
-            raise ValueError(f"loss.fused=True supports loss.kd_type='kl' only, got {spec.kd_type!r}")
-        return spec
-
-    @property
-    def needs_teacher(self) -> bool:
-        return self.kd_weight > 0 or self.hidden_weight > 0 or self.attention_weight > 0
-
-
-def _forward(model, batch, *, hidden: bool, attn: bool):
-    """Teacher-forced forward: (logits, encoder output, decoder extras or None)."""
-    extras = hidden or attn
-    enc = model.encode(batch["input_ids"], batch["attention_mask"],
-                       output_hidden_states=hidden, output_attentions=attn)
-    out = model.decode(batch["decoder_input_ids"], enc, batch["attention_mask"],
-                       decoder_attention_mask=batch.get("decoder_attention_mask"),
-                       output_hidden_states=hidden, output_attentions=attn)
-    if extras:
-        logits, _, dec = out
-    else:
-        (logits, _), dec = out, None
-    return logits, enc, dec
-
-
-def _add(a, b):
-    return (a[0] + b[0], a[1] + b[1])
-
-
-def _fused_forward(model, batch, *, hidden: bool, attn: bool):
-    enc = model.encode(batch["input_ids"], batch["attention_mask"],
-                       output_hidden_states=hidden, output_attentions=attn)
-    # output_hidden_states=True is what returns logits_hidden (DecoderExtras)
-    logits, _, dec = model.decode(batch["decoder_input_ids"], enc, batch["attention_mask"],
-                                  decoder_attention_mask=batch.get("decoder_attention_mask"),
-                                  output_hidden_states=True, output_attentions=attn)
-    return logits, enc, dec
-
-
-def loss_terms(params, batch, teacher_params, *, graphdef, teacher_graphdef, spec: LossSpec,
-               layer_map=None, quant_rules=None) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """Every configured loss term as a `(sum, count)` pair (float32 scalars)."""
-    if quant_rules:
-        from kd_flax import quant
-        # DQ-BART: the full-precision params are trained, quantized copies are used forward.
-        params = quant.quantize_params(params, quant_rules)
-    student = _merge(graphdef, params)
-    hidden, attn = spec.hidden_weight > 0, spec.attention_weight > 0
-    fused = spec.fused and spec.kd_weight > 0
-    fwd = _fused_forward if fused else _forward
-    logits, enc, dec = fwd(student, batch, hidden=hidden, attn=attn)
-    labels = batch["labels"]
-    mask = batch["decoder_attention_mask"].astype(jnp.float32)
-    src_mask = batch["attention_mask"].astype(jnp.float32)
-    terms = {}
-    if spec.ce_weight > 0:
-        terms["ce"] = losses.cross_entropy(logits, labels, mask, label_smoothing=spec.label_smoothing,
-                                           smoothing=spec.smoothing)
-    cached_topk = spec.kd_type == "topk" and "teacher_topk_logprobs" in batch
-    online = spec.needs_teacher and not (cached_topk and not hidden and not attn)
-    if online:
-        if teacher_graphdef is None or teacher_params is None:
-            raise ValueError("the loss needs an online teacher (kd_weight/hidden_weight/"
-                             "attention_weight > 0) but no teacher was given")
-        teacher = _merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
-        t_logits, t_enc, t_dec = fwd(teacher, batch, hidden=hidden, attn=attn)
-        t_logits = jax.lax.stop_gradient(t_logits)
-    if spec.kd_weight > 0:
-        T = spec.temperature
-        if fused:
-            w_s, b_s = student.unembedding()
-            w_t, b_t = teacher.unembedding()
-            terms["kd"] = losses.fused_kd_kl(dec.logits_hidden, w_s, t_dec.logits_hidden, w_t, mask,
-                                             temperature=T, student_bias=b_s, teacher_bias=b_t)
-        elif spec.kd_type == "topk":
-            if cached_topk:
-                lp, ids = batch["teacher_topk_logprobs"], batch["teacher_topk_ids"]
-            else:
-                lp, ids = jax.lax.top_k(jax.nn.log_softmax(t_logits), spec.topk)
-            terms["kd"] = losses.topk_kd(logits, lp, ids, mask, temperature=T)
-        elif spec.kd_type == "kl":
-            terms["kd"] = losses.kd_kl(logits, t_logits, mask, temperature=T)
-        elif spec.kd_type == "interpolated":
-            terms["kd"] = losses.interpolated_kl(logits, t_logits, labels, mask, lam=spec.lam,
-                                                 temperature=T)
-        elif spec.kd_type == "reverse_kl":
-            terms["kd"] = losses.reverse_kl(logits, t_logits, mask, temperature=T)
-        else:
-            terms["kd"] = losses.generalized_jsd(logits, t_logits, mask, beta=spec.beta, temperature=T)
-    if hidden or attn:
-        if layer_map is None:
-            raise ValueError("hidden/attention losses need layer_map (a student.StudentInfo)")
-        zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        h_term, a_term = zero, zero
-        for stack, s_out, t_out, m in (("encoder", enc, t_enc, src_mask), ("decoder", dec, t_dec, mask)):
-            lmap = getattr(layer_map, stack)
-            for i, j in enumerate(lmap):
-                if hidden:
-                    # hidden_states[0] is the embedding output; [i + 1] is layer i's output.
-                    h_term = _add(h_term, losses.hidden_mse(s_out.hidden_states[i + 1],
-                                                            jax.lax.stop_gradient(t_out.hidden_states[j + 1]), m))
-                if attn:
-                    a_term = _add(a_term, losses.attention_mse(
-                        s_out.attentions[i], jax.lax.stop_gradient(t_out.attentions[j]), m, m))
-                    if stack == "decoder":
-                        a_term = _add(a_term, losses.attention_mse(
-                            s_out.cross_attentions[i], jax.lax.stop_gradient(t_out.cross_attentions[j]),
-                            m, src_mask))
-        if hidden:
-            terms["hidden"] = h_term
-        if attn:
-            terms["attention"] = a_term
-    return terms
-
-
-def combine(terms, spec: LossSpec, counts=None) -> jax.Array:
-    """Σ_t w_t · sum_t / count_t (counts default to the terms' own; 0/0 → 0)."""
-    weights = {"ce": spec.ce_weight, "kd": spec.kd_weight, "hidden": spec.hidden_weight,
-               "attention": spec.attention_weight}
-    total = jnp.zeros((), jnp.float32)
-    for k, (s, n) in terms.items():
-        n = n if counts is None else counts[k]
-        total = total + weights[k] * losses.mean((s, n))
-    return total
 
 
 # ---------------------------------------------------------------------------
@@ -364,6 +177,13 @@ def _graph(g):
 def _merge(graph, params):
     graphdef, rest = graph
     return nnx.merge(graphdef, params) if rest is None else nnx.merge(graphdef, params, rest)
+
+
+def forward_model(graph, params, quant_rules=None):
+    """The model the loss runs: `params` merged into `graph`, weight-fake-quantized by
+    `quant_rules` first (DQ-BART: the full-precision params are trained, their quantized
+    copies used forward; gradients pass straight through)."""
+    return _merge(graph, quant.quantize_params(params, quant_rules) if quant_rules else params)
 
 
 def _where_tree(pred, new, old):
@@ -430,8 +250,11 @@ def make_train_step(student_graphdef, cfg, *, teacher=None, quant_rules=None, me
     if spec.needs_teacher and t_graphdef[0] is None and not (spec.kd_type == "topk" and spec.hidden_weight == 0
                                                           and spec.attention_weight == 0):
         raise ValueError("loss: kd_weight/hidden_weight/attention_weight > 0 need teacher=...")
-    term_fn = lambda p, b, tp: loss_terms(p, b, tp, graphdef=s_graph, teacher_graphdef=t_graphdef,
-                                          spec=spec, layer_map=layer_map, quant_rules=quant_rules)
+
+    def term_fn(p, b, tp):
+        teacher_model = None if tp is None or t_graphdef[0] is None else _merge(t_graphdef, jax.lax.stop_gradient(tp))
+        return objectives.loss_terms(forward_model(s_graph, p, quant_rules), b, teacher_model, spec=spec,
+                                     layer_map=layer_map)
 
     def grads_and_terms(params, batch, tp):
         if accum == 1:
@@ -484,14 +307,11 @@ def make_train_step(student_graphdef, cfg, *, teacher=None, quant_rules=None, me
 
 
 def make_eval_step(student_graphdef, *, quant_rules=None):
-    """Jitted dev-loss step: `(params, batch) -> (ce_sum, token_count)` (no smoothing)."""
+    """Jitted dev-loss step: `(params, batch) -> (ce_sum, token_count)` (`objectives.dev_loss`:
+    no smoothing, pad rows excluded)."""
     graph = _graph(student_graphdef)
     def f(params, batch):
-        if quant_rules:
-            from kd_flax import quant
-            params = quant.quantize_params(params, quant_rules)
-        logits, _, _ = _forward(_merge(graph, params), batch, hidden=False, attn=False)
-        return losses.cross_entropy(logits, batch["labels"], batch["decoder_attention_mask"].astype(jnp.float32))
+        return objectives.dev_loss(forward_model(graph, params, quant_rules), batch)
     return jax.jit(f, compiler_options=sharding.compiler_options())
 
 

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kd_flax import quant as Q
+from kd_flax.tree_paths import path_str
 
 SETTINGS = settings(max_examples=8, deadline=None)
 
@@ -235,7 +236,7 @@ def test_path_str_and_default_rules():
 
     jax.tree_util.register_dataclass(Box, data_fields=["w"], meta_fields=[])
     tree = {"a": [np.zeros(1), (np.zeros(1),)], "b": Box(np.zeros(1))}
-    paths = [Q.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+    paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
     assert paths == ["a/0", "a/1/0", "b/w"]
 
     rules = Q.default_rules(8)
@@ -325,7 +326,7 @@ def test_quantize_params_on_nnx_state():
     changed = {}
     for (kp, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(state),
                                jax.tree_util.tree_leaves_with_path(qstate)):
-        changed[Q.path_str(kp)] = not np.array_equal(a, b)
+        changed[path_str(kp)] = not np.array_equal(a, b)
     assert changed == {
         "embed_positions/embedding": False, "embed_tokens/embedding": True,
         "final_norm/bias": False, "final_norm/scale": False,
@@ -428,3 +429,48 @@ def test_load_rejects_foreign_file(tmp_path):
     save_file({"a": np.zeros(2, np.float32)}, str(p))
     with pytest.raises(ValueError, match="format"):
         Q.load_quantized(p)
+
+
+# ----------------------------------------------------------------------------- rules_for: the one home
+
+
+def test_rules_for_reads_bits_granularity_and_the_models_scan_layers():
+    from kd_flax import models
+
+    def model(scan):
+        return models.create_model(models.tiny_config("t5", vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_heads=2,
+                                                      encoder_layers=2, decoder_layers=2, scan_layers=scan),
+                                   nnx.Rngs(0))
+
+    flat, scanned = model(False), model(True)
+    assert Q.rules_for(flat, {"weight_bits": 0, "granularity": "channel"}) is None
+    assert Q.rules_for(flat, None) is None
+    assert Q.rules_for(flat, {"weight_bits": 4, "granularity": "tensor"}) == Q.default_rules(4, granularity="tensor")
+    assert Q.rules_for(scanned, {"weight_bits": 8}) == Q.default_rules(8, scan_layers=True)
+
+
+def test_evaluate_quantizes_a_scanned_student_as_training_did():
+    """A `scan_layers=True` W8 student: evaluate's quantized weights and size are those of the
+    rules training used (one scale per layer and output channel), not per channel across
+    all stacked layers."""
+    from kd_flax import evaluate, models
+    cfg = models.tiny_config("t5", vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_heads=2,
+                             encoder_layers=3, decoder_layers=2, scan_layers=True)
+    m = models.create_model(cfg, nnx.Rngs(0))
+    state = nnx.state(m, nnx.Param)
+    # layers with very different scales, so a scale shared across layers shows
+    state = jax.tree_util.tree_map_with_path(
+        lambda p, x: x * (10.0 ** jnp.arange(x.shape[0]).reshape((-1,) + (1,) * (x.ndim - 1)))
+        if "/layers/" in path_str(p) and path_str(p).endswith("kernel") else x, state)
+    nnx.update(m, state)
+    trained_with = Q.default_rules(8, scan_layers=True)  # what stages.run_distill trains this student with
+    want = Q.quantize_params(state, trained_with)
+    qcfg = {"weight_bits": 8, "granularity": "channel"}
+    n, size = evaluate.param_bytes(m, qcfg)
+    assert evaluate.apply_weight_quant(m, qcfg)
+    for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(nnx.state(m, nnx.Param)), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=path_str(p))
+    quantized = Q.matched_paths(state, trained_with)
+    leaves = {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(state)}
+    assert n == sum(x.size for x in leaves.values())
+    assert size == sum(x.size * (1 if p in quantized else 4) for p, x in leaves.items())

@@ -30,6 +30,7 @@ from flax import nnx
 from kd_flax import io_utils
 from kd_flax import sharding as _sharding
 from kd_flax.models.tokenizer import save_tokenizer
+from kd_flax.tree_paths import path_str
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -144,10 +145,6 @@ def canonical_dtype(dtype, what: str = "dtype") -> str:
 # ----------------------------------------------------------------------------- path helpers
 
 _LAYER_RE = re.compile(r"^(.*?/layers)/(\d+)/(.*)$")
-
-
-def _path_str(path) -> str:
-    return "/".join(str(p) for p in path)
 
 
 def _resolve(entry_path: str, scan: bool) -> tuple[str, int | None]:
@@ -267,7 +264,7 @@ def load_state_into(abstract_model: nnx.Module, root, family: ModelFamily, confi
     from safetensors import safe_open
 
     graphdef, state = nnx.split(abstract_model)
-    leaves = {_path_str(p): v for p, v in nnx.to_flat_state(state)}
+    leaves = {path_str(p): v for p, v in nnx.to_flat_state(state)}
     scan = bool(getattr(config, "scan_layers", False))
     table = family.name_table(config)
 
@@ -378,7 +375,7 @@ def export_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
     config = model.config
     family = get_family(config.model_type)
     scan = bool(getattr(config, "scan_layers", False))
-    leaves = {_path_str(p): v for p, v in nnx.to_flat_state(nnx.state(model))}
+    leaves = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(model))}
     out, used, cache = {}, set(), {}
     for e in family.name_table(config):
         leaf_path, idx = _resolve(e.path, scan)

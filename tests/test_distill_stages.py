@@ -1,0 +1,65 @@
+"""`stages.run_distill`: what each `distill.stages` entry trains with (bug 2: a
+`quant: False` stage used to be fake-quantized like the others)."""
+
+import json
+import types
+
+import jax
+import numpy as np
+from flax import nnx
+
+from kd_flax import models, quant, stages, synthetic
+from test_config import load_recipe
+
+
+def _corpus(path, n, seed):
+    with open(path, "w") as f:
+        for e in synthetic.SyntheticTask().sample(n, split_seed=seed):
+            f.write(json.dumps({"src": e["src"], "ref": e["ref"]}) + "\n")
+    return str(path)
+
+
+def test_float_stage_trains_unquantized_then_the_quant_stage_quantized(tmp_path, tiny_teacher_dir, monkeypatch):
+    """marian_enro's "float, then 8-bit" recipe on the demo student (W8A8): the `quant: False`
+    stage's forward is the unquantized model's (no weight rules, no activation fake-quant),
+    the quantized stage's is not, and it starts from what the float stage trained."""
+    c = load_recipe("demo_cpu", "tiny")
+    c.teacher.init, c.teacher.path, c.teacher.tokenizer = "pretrained", tiny_teacher_dir, tiny_teacher_dir
+    c.data.train = _corpus(tmp_path / "train.jsonl", 16, 1)
+    c.data.dev = _corpus(tmp_path / "dev.jsonl", 4, 2)
+    c.student.quant.weight_bits, c.student.quant.act_bits = 8, 8
+    c.distill.stages = [{"targets": "gold", "steps": 1, "quant": False}, {"targets": "gold", "steps": 1}]
+
+    seen = []
+
+    def fake_train_stage(model, tokenizer, train_ex, dev, config, tcfg, stage_dir, *, quant_rules=None, **kw):
+        cfg = model.config
+        params = nnx.state(model, nnx.Param)
+        ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 5)).astype(np.int32)
+        x = dict(input_ids=ids, attention_mask=np.ones_like(ids), decoder_input_ids=ids)
+        g, _, rest = nnx.split(model, nnx.Param, ...)
+        run = nnx.merge(g, quant.quantize_params(params, quant_rules) if quant_rules else params, rest)
+
+        def built(act_bits, rules):  # the same params in a fresh model of the given kind
+            m = models.create_model(cfg.replace(act_quant_bits=act_bits), nnx.Rngs(0))
+            nnx.update(m, quant.quantize_params(params, rules) if rules else params)
+            return np.asarray(m(**x))
+
+        seen.append({"out": np.asarray(run(**x)), "float": built(None, None),
+                     "w8a8": built(8, quant.default_rules(8)),
+                     "start": jax.tree.map(np.asarray, nnx.to_pure_dict(params))})
+        nnx.update(model, jax.tree.map(lambda p: p + 0.01, params))  # "training"
+        seen[-1]["end"] = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        return types.SimpleNamespace(preempted=False, best=None, evals=[])
+
+    monkeypatch.setattr(stages, "_train_stage", fake_train_stage)
+    monkeypatch.setattr(stages, "_finish_model", lambda *a, **k: None)
+    stages.run_distill(c, str(tmp_path / "run"))
+
+    float_stage, quant_stage = seen
+    np.testing.assert_allclose(float_stage["out"], float_stage["float"], rtol=1e-6, atol=1e-6)
+    assert np.abs(float_stage["out"] - float_stage["w8a8"]).max() > 1e-4
+    np.testing.assert_allclose(quant_stage["out"], quant_stage["w8a8"], rtol=1e-6, atol=1e-6)
+    assert np.abs(quant_stage["out"] - quant_stage["float"]).max() > 1e-4
+    for a, b in zip(jax.tree.leaves(quant_stage["start"]), jax.tree.leaves(float_stage["end"])):
+        np.testing.assert_array_equal(a, b)
