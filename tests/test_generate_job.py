@@ -405,19 +405,22 @@ def test_config_arg_parsing_and_validation(setup):
         G.run(mono, d / "mono", generate_fn=fake_generate, load_fn=make_loader())
 
 
-def test_unsharded_step_lays_out_the_head_once(real_teacher):
-    """Without a mesh the job's jitted step takes kd_flax generate's LM head, laid out once, as an
-    argument (not once per batch inside the jit); the tokens are generate's own."""
+def test_unsharded_translator_lays_out_the_head_once(real_teacher):
+    """Without a mesh the job's Translator gives its jitted function the LM head laid out once
+    (not once per batch inside the jit); the tokens are kd_flax generate's own."""
     from kd_flax import decoding, models
+    from kd_flax.translate import Translator
 
     model = models.load_pretrained(real_teacher / "teacher")
     kw = dict(max_new_tokens=6, num_beams=2)
-    step = G.GenerateStep(model, decoding.generate, kw)
-    assert step.head is not None and step.head[0] is decoding.laid_out_head(model)[0]
+    translator = Translator(model, None, kw)
+    head = translator.head_for()
+    assert head is not None and translator.head_for()[0] is head[0]
     ids = np.random.default_rng(0).integers(3, model.config.vocab_size, (4, 5)).astype(np.int32)
     mask = np.ones_like(ids)
-    seqs, scores, _ = step(ids, mask, 0)
+    seqs, scores, _ = translator(ids, mask, 0)
+    assert translator.head_for()[0] is head[0]  # still the same layout after a call
     want = decoding.generate(model, ids, mask, **kw)
     np.testing.assert_array_equal(seqs, want.sequences)
     np.testing.assert_allclose(scores, want.scores, rtol=1e-6)
-    assert G.GenerateStep(model, lambda *a, **k: None, kw).head is None  # another decoder: untouched
+    assert Translator(model, None, kw, generate_fn=lambda *a, **k: None).head_for() is None  # another decoder
