@@ -304,3 +304,36 @@ def test_run_real_tiny_model_on_8_devices(tmp_path):
     assert m["bleu"]["per_split"] == [pytest.approx(sacrebleu.corpus_bleu(hyps, streams).score)]
     assert m["chrf"]["per_split"] == [pytest.approx(sacrebleu.corpus_chrf(hyps, streams).score)]
     assert m["splits"]["test0"]["num_refs"] == 2 and res["splits"] == ["test0"]
+
+
+def test_dev_evaluator_decodes_current_params_with_one_translator(monkeypatch):
+    """Dev BLEU during training: one Translator per train stage, each evaluation decoding with
+    the params it is given (as a fresh decode of those params would) and compiling nothing new."""
+    import ml_collections
+    from flax import nnx
+    from kd_flax import data, models, stages, train, translate
+
+    texts = ["the cat sat", "a dog ran far", "hello there world", "it rains", "le chat", "un chien"]
+    tok = models.train_tokenizer(texts * 5, 64)
+    model = models.create_model(models.tiny_config("t5", vocab_size=len(tok)), nnx.Rngs(0))
+    config = config_base.base_config()
+    config.data.update(bucket_boundaries=(8,), max_source_length=16, max_target_length=6)
+    tcfg = ml_collections.ConfigDict({"batch_size": 4, "eval_max_examples": 5})
+    dev = data.tokenize_examples([data.Example(i, s, s) for i, s in enumerate(texts)], tok,
+                                 max_source_length=16, max_target_length=6)
+    made, decoded = [], []
+    real_init, real_translate = translate.Translator.__init__, translate.Translator.translate
+    monkeypatch.setattr(translate.Translator, "__init__", lambda self, *a, **k: (made.append(self), real_init(self, *a, **k))[1])
+    monkeypatch.setattr(translate.Translator, "translate",
+                        lambda self, *a, **k: decoded.append(real_translate(self, *a, **k)) or decoded[-1])
+    graphdef, params, rest = train.split_model(model)
+    evaluate_dev = stages._evaluator((graphdef, rest), tok, dev, config, tcfg)
+    other = jax.tree.map(lambda x: x * 3.0, params)
+    assert set(evaluate_dev(params)) == {"loss", "bleu", "chrf"}
+    compiled = made[0].compilations()
+    for p in (other, params):
+        evaluate_dev(p)
+    assert len(made) == 1 and made[0].compilations() == compiled  # new weights, no new compilation
+    fresh = translate.Translator(nnx.merge(graphdef, other, rest), tok, dict(max_new_tokens=6, num_beams=1),
+                                 batch_size=4, max_source_length=16, bucket_boundaries=(8,))
+    assert decoded[1] == real_translate(fresh, texts[:5]) and decoded[0] == decoded[2] != decoded[1]
