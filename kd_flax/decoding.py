@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kd_flax.processing import (Processing, as_ids, check_sampling, first_argmax, fold_reduce,  # noqa: F401
+from kd_flax.processing import (Processing, as_ids, check_sampling, first_argmax, fold_reduce,
                                 is_eos, length_penalty_divisor, log_softmax, logsumexp, make_processing,
                                 process_logprobs, warp_logits)
 
@@ -484,3 +484,9 @@ def generate(model, input_ids, attention_mask=None, **kwargs) -> GenerateOutput:
     from kd_flax import translate  # translate builds on this module
 
     return translate.generate(model, input_ids, attention_mask, **kwargs)
+
+
+__all__ = ["GenerateOutput", "TokenLoopState", "BeamState", "greedy_search", "sample", "beam_search",
+           "expand_rows", "GenerationSettings", "check_search", "resolve_settings", "generate", "TRACE_COUNTS",
+           # kd_flax.processing's reductions and warpers, used here and kept importable from here
+           "fold_reduce", "logsumexp", "log_softmax", "first_argmax", "warp_logits"]

@@ -296,7 +296,7 @@ class Translator:
         (a mapping) then goes to it as is.
     """
 
-    def __init__(self, model, tokenizer=None, settings: GenerationSettings | Mapping[str, Any] | None = None,
+    def __init__(self, model, tokenizer, settings: GenerationSettings | Mapping[str, Any],
                  mesh=None, rules=None, *, batch_size: int = 32, source_prefix: str = "",
                  max_source_length: int = 512, bucket_boundaries: Sequence[int] = (16, 32, 64, 128),
                  generate_fn: Callable | None = None):
@@ -304,8 +304,9 @@ class Translator:
 
         from kd_flax import sharding as shd
 
-        if settings is None:
-            raise ValueError("Translator: settings are required (at least max_new_tokens)")
+        if generate_fn is None and not isinstance(model, nnx.Module):
+            raise ValueError(f"Translator: model must be a kd_flax (nnx) model, got {type(model).__name__}; "
+                             "a stand-in pytree needs a stand-in generate_fn")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.tokenizer = model, tokenizer
@@ -409,7 +410,6 @@ class Translator:
 
     def _run(self, state, head, input_ids, attention_mask, seed):
         _check_inputs(input_ids, attention_mask)
-        self._shapes.add(tuple(np.shape(input_ids)))
         seed = np.int32(seed)
         if self.mesh is None:
             out = self._jitted(state, head, jnp.asarray(input_ids, jnp.int32),
@@ -418,12 +418,12 @@ class Translator:
             from kd_flax import sharding as shd
 
             _check_divisible(np.shape(input_ids)[0], self.data_shards, self._batch_spec)
-            if self._graphdef is not None:  # a no-op when the weights already live there
-                state = jax.device_put(state, self._state_sh)
+            state = jax.device_put(state, self._state_sh)  # a no-op when the weights already live there
             ids = _place(np.asarray(input_ids, np.int32), self._data_sh)
             mask = _place(np.asarray(attention_mask, np.int32), self._data_sh)
             with jax.set_mesh(self.mesh), shd.use_rules(self.rules):
                 out = self._jitted(state, None, ids, mask, seed)
+        self._shapes.add(tuple(np.shape(input_ids)))
         return tuple(_to_host(x) for x in out)
 
     def translate(self, texts: Sequence[str], *, state=None, meter=None) -> list[str]:
