@@ -412,9 +412,12 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
                 problems.append(f"{key}: {value!r} out of range; allowed: {lb}{lo}, {'∞' if hi is None else hi}{rb}")
 
     # Cross-key rules.
-    if cfg["generate"]["num_return_sequences"] > cfg["generate"]["num_beams"] and not cfg["generate"]["do_sample"]:
-        problems.append("generate.num_return_sequences: must be ≤ generate.num_beams "
-                        f"({cfg['generate']['num_beams']}) for beam search")
+    from kd_flax.decoding import check_search  # the one check, shared with decoding and the teacher job
+    g = cfg["generate"]
+    try:
+        check_search(g["num_beams"], g["num_return_sequences"], g["do_sample"], prefix="generate.")
+    except ValueError as e:
+        problems.append(str(e))
     if cfg["generate"]["select"] in ("bleu", "chrf") and cfg["generate"]["num_return_sequences"] < 2:
         problems.append("generate.select: 'bleu'/'chrf' (SeqInter) needs generate.num_return_sequences ≥ 2")
     for i, st in enumerate(cfg["distill"]["stages"]):

@@ -139,7 +139,6 @@ class SpeedMeter:
 
     def __init__(self):
         self.batches: list[tuple[int, int, float, bool]] = []
-        self.seen_shapes: set[tuple[int, int]] = set()  # batch shapes `translate` has compiled
 
     def add(self, sentences: int, tokens: int, seconds: float, *, first_call: bool = False) -> None:
         if sentences < 0 or tokens < 0 or seconds < 0:

@@ -39,6 +39,7 @@ from kd_flax import io_utils, sharding
 from kd_flax import workdir as workdir_lib
 from kd_flax.workdir import Workdir
 from kd_flax.config_base import cfg_get as _get
+from kd_flax.decoding import check_search
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,11 @@ def validate_config(config) -> None:
     need("top_k", isinstance(_get(g, "top_k"), int) and _get(g, "top_k") >= 0, "an int >= 0")
     for key in ("do_sample", "early_stopping", "write_nbest"):
         need(key, isinstance(_get(g, key), bool), "True or False")
-    if not problems and not g.do_sample and g.num_return_sequences > g.num_beams:
-        problems.append(f"generate.num_return_sequences: {g.num_return_sequences} must be <= "
-                        f"generate.num_beams ({g.num_beams}) for beam search")
+    if not problems:
+        try:
+            check_search(g.num_beams, g.num_return_sequences, g.do_sample, prefix="generate.")
+        except ValueError as e:
+            problems.append(str(e))
     filters = _get(g, "filters") or {}
     for key in filters:
         if key not in FILTERS:
@@ -238,92 +241,6 @@ def _load_teacher(config, teacher_path, tokenizer_path, mesh, rules):
     return model, tokenizer
 
 
-_STEP_CACHE: dict = {}  # jitted steps by (model structure, settings, mesh): reuse across runs
-
-
-class GenerateStep:
-    """Jitted ``(input_ids, attention_mask, seed) -> (sequences, scores, sum_logprobs)``.
-
-    The model crosses the jit boundary as state (``nnx.split``) so its weights are an
-    argument, not constants baked into each compiled program. One compilation per
-    ``[batch_size, bucket_length]`` shape; the jitted function is cached per model structure,
-    decoding settings and mesh, so a re-run in the same process (a resumed job, the
-    pipeline) compiles nothing again. ``compilations()`` counts traces of that function.
-    """
-
-    def __init__(self, model, generate_fn: Callable, gen_kwargs: dict, mesh=None, rules=None):
-        from flax import nnx
-
-        if isinstance(model, nnx.Module):
-            graphdef, state = nnx.split(model)
-        else:  # a plain pytree model (tests)
-            graphdef, state = None, model
-        from kd_flax import decoding, sharding
-
-        mesh = sharding.auto_axes(mesh)
-        self.state, self.mesh = state, mesh
-        # kd_flax's generate, run inside this jit, would lay out a tied LM head again for every
-        # batch (a transpose of the embedding, 4 % of a T5-small batch on CPU): done once here.
-        self.head = None
-        if generate_fn is decoding.generate and graphdef is not None and mesh is None:
-            self.head = decoding.laid_out_head(model, state)
-        kwargs = dict(gen_kwargs)
-        try:
-            hash(graphdef)
-            gkey = graphdef
-        except TypeError:  # static attributes such as a generation_config dict
-            gkey = repr(graphdef)
-        key = (generate_fn, gkey, jax.tree.structure(state),
-               tuple(sorted((k, repr(v)) for k, v in kwargs.items())), mesh,
-               None if rules is None else repr(rules))
-        if key not in _STEP_CACHE:
-            if len(_STEP_CACHE) >= 8:
-                _STEP_CACHE.clear()
-            _STEP_CACHE[key] = self._build(graphdef, state, generate_fn, kwargs, mesh, rules)
-        self._fn, self._in, self._traces = _STEP_CACHE[key]
-
-    @staticmethod
-    def _build(graphdef, state, generate_fn, kwargs, mesh, rules):
-        from flax import nnx
-
-        traces = [0]
-        sample = kwargs.get("do_sample", False)
-
-        def step(state, head, input_ids, attention_mask, seed):
-            traces[0] += 1  # runs at trace time only: counts compilations
-            model = state if graphdef is None else nnx.merge(graphdef, state)
-            extra = {} if head is None else {"unembedding": head}
-            out = generate_fn(model, input_ids, attention_mask, seed=seed if sample else 0, **kwargs, **extra)
-            return out.sequences, out.scores, out.sum_logprobs
-
-        from kd_flax import sharding
-
-        if mesh is None:
-            return jax.jit(step, compiler_options=sharding.compiler_options()), None, traces
-        from jax.sharding import NamedSharding, PartitionSpec as P
-
-        in_sh = sharding.batch_sharding(mesh, rules, ndim=2)
-        batch_axes = in_sh.spec[0]
-        out_sh = (NamedSharding(mesh, P(batch_axes, None, None)),
-                  NamedSharding(mesh, P(batch_axes, None)), NamedSharding(mesh, P(batch_axes, None)))
-        state_sh = jax.tree.map(lambda x: x.sharding, state)
-        fn = jax.jit(step, in_shardings=(state_sh, None, in_sh, in_sh, NamedSharding(mesh, P())),
-                     out_shardings=out_sh, compiler_options=sharding.compiler_options())
-        return fn, in_sh, traces
-
-    def compilations(self) -> int:
-        return self._traces[0]
-
-    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray, seed: int):
-        seed = np.int32(seed)
-        if self.mesh is None:
-            out = self._fn(self.state, self.head, input_ids, attention_mask, seed)
-        else:
-            with jax.set_mesh(self.mesh):
-                ids = jax.device_put(input_ids, self._in)
-                mask = jax.device_put(attention_mask, self._in)
-                out = self._fn(self.state, None, ids, mask, seed)
-        return tuple(np.asarray(jax.device_get(x)) for x in out)
 
 
 # ----------------------------------------------------------------------------- the job
@@ -344,7 +261,7 @@ def run(config, workdir, *, force: bool = False, generate_fn: Callable | None = 
       config: the full ``ml_collections`` config (keys ``teacher``, ``data``, ``generate``, ``mesh``).
       workdir: output root; files go to ``workdir/generate/``.
       force: delete outputs made with other settings instead of refusing.
-      generate_fn: decoding function (default ``kd_flax.decoding.generate``).
+      generate_fn: a stand-in decoder for the `kd_flax.translate.Translator` (tests; default: kd_flax's own).
       load_fn: ``(config, teacher_path, tokenizer_path, mesh, rules) -> (model, tokenizer)``
         (default: ``kd_flax.models.load_pretrained`` + the tokenizer of that dir).
       process_index, process_count: override ``jax.process_index()/process_count()``
@@ -461,15 +378,14 @@ def _generate_shards(config, pending, local, out_dir, pc, t_path, tok_path, gene
     g, d = config.generate, config.data
     mesh, rules = sharding.mesh_from_config(config.mesh, devices=jax.local_devices())
     model, tokenizer = (load_fn or _load_teacher)(config, t_path, tok_path, mesh, rules)
-    if generate_fn is None:
-        from kd_flax.decoding import generate as generate_fn
-    gen_kwargs = {k: _plain(g[k]) for k in _GEN_KWARGS}
-    step = GenerateStep(model, generate_fn, gen_kwargs, mesh, rules)
-    if mesh is not None:
-        n_data = int(np.prod([mesh.shape[a] for a in _as_tuple(step._in.spec[0])]))
-        if g.batch_size % n_data:
-            raise ValueError(f"generate.batch_size ({g.batch_size}) must be divisible by the "
-                             f"{n_data} devices the batch is split over (mesh.axes={dict(mesh.shape)})")
+    from kd_flax.translate import Translator
+
+    translator = Translator(model, tokenizer, {k: _plain(g[k]) for k in _GEN_KWARGS}, mesh, rules,
+                            generate_fn=generate_fn)
+    if g.batch_size % translator.data_shards:
+        raise ValueError(f"generate.batch_size ({g.batch_size}) must be divisible by the "
+                         f"{translator.data_shards} devices the batch is split over "
+                         f"(mesh.axes={dict(mesh.shape)})")
     boundaries = data_lib.normalize_boundaries(_get(d, "bucket_boundaries"), d.max_source_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     special = set(tokenizer.all_special_ids)
@@ -484,7 +400,7 @@ def _generate_shards(config, pending, local, out_dir, pc, t_path, tok_path, gene
     try:
         for shard in pending:
             t0 = time.time()
-            stats = _run_shard(config, shard, local[shard.start:shard.end], step, tokenizer,
+            stats = _run_shard(config, shard, local[shard.start:shard.end], translator, tokenizer,
                                boundaries, pad_id, eos, special, out_dir, pc)
             n_sent += stats["generated"]
             n_tok += stats["tokens"]
@@ -494,21 +410,15 @@ def _generate_shards(config, pending, local, out_dir, pc, t_path, tok_path, gene
             log.info("generate: %s done: %d kept, %d dropped, %.1f sent/s, %.0f tok/s (%d compilations)",
                      shard.name(pc), stats["kept"], sum(stats["dropped"].values()),
                      stats["generated"] / max(time.time() - t0, 1e-9),
-                     stats["tokens"] / max(time.time() - t0, 1e-9), step.compilations())
+                     stats["tokens"] / max(time.time() - t0, 1e-9), translator.compilations())
             if on_shard_done is not None:
                 on_shard_done(shard.name(pc))
     finally:
         bar.close()
-    return step
+    return translator
 
 
-def _as_tuple(x):
-    if x is None:
-        return ()
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-
-def _run_shard(config, shard, examples, step, tokenizer, boundaries, pad_id, eos, special,
+def _run_shard(config, shard, examples, translator, tokenizer, boundaries, pad_id, eos, special,
                out_dir, pc) -> dict:
     g, d = config.generate, config.data
     t0 = time.time()
@@ -523,8 +433,8 @@ def _run_shard(config, shard, examples, step, tokenizer, boundaries, pad_id, eos
     dropped: list[dict] = []
     n_tokens = 0
     for j, batch in enumerate(data_lib.generation_batches(tok_ex, g.batch_size, boundaries, pad_id)):
-        seqs, scores, sum_lp = step(batch["input_ids"], batch["attention_mask"],
-                                    _batch_seed(g.seed, shard.process, shard.index, j))
+        seqs, scores, sum_lp = translator(batch["input_ids"], batch["attention_mask"],
+                                          _batch_seed(g.seed, shard.process, shard.index, j))
         rows = np.flatnonzero(batch["valid"])
         n_ret = seqs.shape[1]
         token_lists, lengths = [], []
@@ -614,4 +524,4 @@ def load_pseudo_labels(workdir_or_dir, *, with_nbest: bool = False) -> list[data
 
 
 __all__ = ["run", "load_pseudo_labels", "validate_config", "select_candidate", "apply_filters",
-           "plan_shards", "GenerateStep", "GenerateError"]
+           "plan_shards", "GenerateError"]

@@ -55,8 +55,9 @@ def _batch_fn(examples, model_config, tcfg, config):
 
 def _evaluator(graph, tokenizer, dev, config, tcfg, *, quant_rules=None, mesh=None, rules=None):
     """`params -> {"loss", "bleu", "chrf"}` on the dev set (loss on all of it, decoding on
-    the first `eval_max_examples` sentences)."""
-    from kd_flax import data as data_lib, evaluate as ev, metrics
+    the first `eval_max_examples` sentences, by one Translator per train stage)."""
+    from kd_flax import data as data_lib, metrics
+    from kd_flax.translate import Translator
 
     if not dev:
         return None
@@ -64,8 +65,10 @@ def _evaluator(graph, tokenizer, dev, config, tcfg, *, quant_rules=None, mesh=No
     n_dec = int(_get(tcfg, "eval_max_examples", 200) or len(dev))
     dec = dev[:n_dec]
     refs = metrics.references_from_examples([list(e.refs) if e.refs else e.ref for e in dec])
+    translator = None  # built at the first evaluation; later ones pass their weights (no recompile)
 
     def run(params):
+        nonlocal translator
         model = _merge(graph, params)
         c = model.config
         s, n = 0.0, 0.0
@@ -79,11 +82,13 @@ def _evaluator(graph, tokenizer, dev, config, tcfg, *, quant_rules=None, mesh=No
         if quant_rules:
             from kd_flax import quant
             model = _merge(graph, quant.quantize_params(params, quant_rules))
-        hyps = ev.translate(model, tokenizer, [e.src for e in dec], batch_size=int(tcfg.batch_size),
-                            max_new_tokens=int(config.data.max_target_length),
-                            source_prefix=config.data.source_prefix,
-                            max_source_length=config.data.max_source_length,
-                            bucket_boundaries=tuple(config.data.bucket_boundaries), mesh=mesh, rules=rules)
+        if translator is None:
+            translator = Translator(model, tokenizer, dict(max_new_tokens=int(config.data.max_target_length),
+                                                           num_beams=1, length_penalty=1.0), mesh, rules,
+                                    batch_size=int(tcfg.batch_size), source_prefix=config.data.source_prefix,
+                                    max_source_length=config.data.max_source_length,
+                                    bucket_boundaries=tuple(config.data.bucket_boundaries))
+        hyps = translator.translate([e.src for e in dec], state=nnx.state(model))
         return {"loss": s / max(n, 1e-9), "bleu": metrics.corpus_bleu(hyps, refs).score,
                 "chrf": metrics.corpus_chrf(hyps, refs).score}
     return run

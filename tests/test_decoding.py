@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_flax import decoding
+from kd_flax import decoding, processing
 
 PAD, EOS = 0, 1
 V = 5
@@ -337,12 +337,12 @@ def test_processing_the_chosen_tokens_equals_processing_the_vocabulary():
     vocab, length = 300, 5
     logp = jnp.asarray(rng.standard_normal((4, vocab)), jnp.float32)
     ids = jnp.asarray(rng.integers(0, vocab, (4, 3)), jnp.int32).at[:, 0].set(jnp.array([1, 3, 7, 299]))
-    for proc in [decoding._make_processing(length, (1, 299), 0, min_new_tokens=2, suppress_tokens=(7,)),
-                 decoding._make_processing(length, 1, 0, forced_bos_token_id=3, forced_eos_token_id=1)]:
+    for proc in [processing.make_processing(length, (1, 299), 0, min_new_tokens=2, suppress_tokens=(7,)),
+                 processing.make_processing(length, 1, 0, forced_bos_token_id=3, forced_eos_token_id=1)]:
         for step in range(length):
-            full = decoding._process_logprobs(logp, jnp.int32(step), proc)
-            chosen = decoding._process_logprobs(jnp.take_along_axis(logp, ids, axis=-1), jnp.int32(step),
-                                                proc, token_ids=ids, vocab=vocab)
+            full = processing.process_logprobs(logp, jnp.int32(step), proc)
+            chosen = processing.process_logprobs(jnp.take_along_axis(logp, ids, axis=-1), jnp.int32(step),
+                                                 proc, token_ids=ids, vocab=vocab)
             np.testing.assert_array_equal(chosen, jnp.take_along_axis(full, ids, axis=-1))
 
 

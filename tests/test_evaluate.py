@@ -1,5 +1,5 @@
 """kd_flax.evaluate: metrics equal sacrebleu's own functions, stats equal numpy, tables,
-bucketed translate with a stand-in model/decoder, and the stage end to end on stand-ins."""
+bucketed Translator.translate with a stand-in model/decoder, and the stage end to end on stand-ins."""
 
 import json
 import math
@@ -7,6 +7,7 @@ import os
 from types import SimpleNamespace
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import sacrebleu
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kd_flax import config_base, evaluate, metrics, report
+from kd_flax.translate import Translator
 
 HYPS = ["the cat sat on the mat", "a dog runs in the park", "hello world", "it is raining today"]
 REFS_A = ["the cat is on the mat", "a dog is running in the park", "hello world !", "it rains today"]
@@ -121,19 +123,23 @@ def test_speed_meter_leaves_out_compiling_batches():
 
 
 def test_bucketing():
-    assert [evaluate.bucket_length(n, (8, 16)) for n in (1, 8, 9, 16, 17, 33)] == [8, 8, 16, 16, 32, 48]
+    """The one batching function (evaluate, dev BLEU and the teacher job): every sentence once,
+    fixed batch size, each batch padded only to its bucket."""
+    from kd_flax import data
     lengths = [3, 12, 5, 9, 2, 15, 7]
-    batches = evaluate.make_batches(lengths, 2, (8, 16))
-    assert sorted(i for _, idx in batches for i in idx) == list(range(len(lengths)))
-    for blen, idx in batches:
-        assert 1 <= len(idx) <= 2 and all(lengths[i] <= blen for i in idx)
-    assert {b for b, _ in batches} == {8, 16}
-    with pytest.raises(ValueError, match="bucket_boundaries"):
-        evaluate.bucket_length(3, ())
+    examples = [data.Example(i, "", input_ids=np.arange(n, dtype=np.int32)) for i, n in enumerate(lengths)]
+    batches = data.generation_batches(examples, 2, data.normalize_boundaries((8,), 16), pad_id=0)
+    assert sorted(int(b["rows"][r]) for b in batches for r in np.flatnonzero(b["valid"])) == list(range(7))
+    for b in batches:
+        assert b["input_ids"].shape == (2, b["length"]) and 1 <= b["valid"].sum() <= 2
+        assert all(lengths[b["rows"][r]] <= b["length"] for r in np.flatnonzero(b["valid"]))
+    assert {b["length"] for b in batches} == {8, 16}
+    with pytest.raises(ValueError, match="boundaries"):
+        data.bucket_length(3, ())
 
 
 # ---------------------------------------------------------------------------
-# translate / run with stand-ins (the real model + decoder are tested by their owners)
+# Translator.translate / run with stand-ins (the real model + decoder are tested by their owners)
 # ---------------------------------------------------------------------------
 
 class CharTokenizer:
@@ -156,46 +162,54 @@ class CharTokenizer:
         return ["".join(alphabet[i - 3] for i in row if i >= 3) for row in rows]
 
 
-def reverse_generate(calls):
-    """A stand-in decoder: the target is the source reversed (pad after EOS), shape [B, 1, L]."""
+def reverse_generate(calls, runs=None):
+    """A stand-in decoder: the target is the source reversed (pad after EOS), shape [B, 1, L].
+    Jitted by the Translator: `calls` gets one entry per compilation, `runs` one per call."""
 
-    def generate(model, input_ids, attention_mask, *, max_new_tokens, num_beams, **kw):
-        calls.append((tuple(input_ids.shape), num_beams, max_new_tokens))
-        ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
-        seqs = np.zeros((ids.shape[0], 1, max_new_tokens), np.int32)
-        for r in range(ids.shape[0]):
-            toks = [t for t, m in zip(ids[r], mask[r]) if m and t >= 3][::-1][: max_new_tokens - 1]
-            seqs[r, 0, : len(toks) + 1] = toks + [1]
-        return SimpleNamespace(sequences=seqs, scores=np.zeros(seqs.shape[:2]),
-                               sum_logprobs=np.zeros(seqs.shape[:2]))
+    def generate(model, input_ids, attention_mask, *, max_new_tokens, num_beams, seed, **kw):
+        calls.append((tuple(input_ids.shape), num_beams, max_new_tokens))  # while tracing
+        if runs is not None:
+            jax.debug.callback(lambda: runs.append(1))
+        length = max_new_tokens
+        keep = (attention_mask > 0) & (input_ids >= 3)
+        n = keep.sum(-1, keepdims=True)
+        pos = n - jnp.cumsum(keep, -1)  # a kept token's position once reversed
+        pos = jnp.where(keep & (pos < length - 1), pos, length)  # room for EOS; `length` is dropped
+        seqs = jax.vmap(lambda p, t: jnp.zeros((length,), jnp.int32).at[p].set(t, mode="drop"))(pos, input_ids)
+        seqs = jnp.where(jnp.arange(length) == jnp.minimum(n, length - 1), 1, seqs)[:, None]
+        return SimpleNamespace(sequences=seqs, scores=jnp.zeros(seqs.shape[:2]),
+                               sum_logprobs=jnp.zeros(seqs.shape[:2]))
 
     return generate
 
 
 def test_translate_buckets_restores_order_and_counts_tokens():
-    calls = []
+    calls, runs = [], []
     sources = ["abc", "hello world", "xy", "a much longer sentence here", "q", "mnop"]
     meter = metrics.SpeedMeter()
-    model = SimpleNamespace(config=SimpleNamespace(pad_token_id=0, eos_token_id=1))
-    out = evaluate.translate(model, CharTokenizer(), sources, batch_size=2, num_beams=3, max_new_tokens=40,
-                             bucket_boundaries=(8, 16, 32), meter=meter, generate_fn=reverse_generate(calls))
+    model = {"w": jnp.zeros(())}  # a stand-in model: any pytree of arrays
+    tr = Translator(model, CharTokenizer(), {"num_beams": 3, "max_new_tokens": 40}, batch_size=2,
+                    bucket_boundaries=(8, 16, 32), generate_fn=reverse_generate(calls, runs))
+    out = tr.translate(sources, meter=meter)
     assert out == [s[::-1] for s in sources]
-    # Fixed batch size, bucketed lengths: shapes come from a small set.
+    # Fixed batch size, bucketed lengths: shapes come from a small set, each compiled once.
     assert {c[0] for c in calls} <= {(2, 8), (2, 16), (2, 32)}
+    assert tr.compilations() == len(calls) == len({c[0] for c in calls})
     assert all(c[1] == 3 and c[2] == 40 for c in calls)
     assert sum(b[0] for b in meter.batches) == len(sources)
     assert sum(b[1] for b in meter.batches) == sum(len(s) + 1 for s in sources)  # tokens + EOS
     # Each shape is decoded once untimed first (compilation), so every timed batch is warm.
     assert not any(b[3] for b in meter.batches) and not meter.includes_compile
-    assert len(calls) == len(meter.batches) + len({c[0] for c in calls})
+    assert len(runs) == len(meter.batches) + len(calls)
+    assert tr.translate(sources[:2], meter=meter) == [s[::-1] for s in sources[:2]]
+    assert len(runs) == len(meter.batches) + len(calls)  # shapes seen before: no untimed rerun
     # source prefix and truncation reach the tokenizer.
-    out = evaluate.translate(model, CharTokenizer(), ["abcdef"], batch_size=4, max_new_tokens=10,
-                             source_prefix="zz ", max_source_length=4, generate_fn=reverse_generate(calls))
-    assert out == ["zz"]  # "zz " + EOS after truncation to 4, reversed, stripped
-    assert evaluate.translate(model, CharTokenizer(), [], batch_size=2, max_new_tokens=4,
-                              generate_fn=reverse_generate(calls)) == []
-    with pytest.raises(ValueError, match="sources"):
-        evaluate.translate(model, CharTokenizer(), "abc", batch_size=2, max_new_tokens=4)
+    tr = Translator(model, CharTokenizer(), {"num_beams": 1, "max_new_tokens": 10}, batch_size=4,
+                    source_prefix="zz ", max_source_length=4, generate_fn=reverse_generate(calls))
+    assert tr.translate(["abcdef"]) == ["zz"]  # "zz " + EOS after truncation to 4, reversed, stripped
+    assert tr.translate([]) == []
+    with pytest.raises(ValueError, match="texts"):
+        tr.translate("abc")
 
 
 def test_split_names_and_selection():
@@ -225,7 +239,7 @@ def test_run_stage_with_stand_ins(tmp_path):
     config.data.test = [str(split)]
     config.data.bucket_boundaries = (8,)
     config.evaluate.update(splits=[], models=["student"], num_beams=2, max_new_tokens=12, batch_size=2)
-    model = SimpleNamespace(config=SimpleNamespace(pad_token_id=0, eos_token_id=1))
+    model = {"w": jnp.zeros(())}  # a stand-in model: any pytree of arrays
     calls = []
     res = evaluate.run(config, str(workdir), load_fn=lambda p: (model, CharTokenizer()),
                        generate_fn=reverse_generate(calls))
@@ -290,3 +304,36 @@ def test_run_real_tiny_model_on_8_devices(tmp_path):
     assert m["bleu"]["per_split"] == [pytest.approx(sacrebleu.corpus_bleu(hyps, streams).score)]
     assert m["chrf"]["per_split"] == [pytest.approx(sacrebleu.corpus_chrf(hyps, streams).score)]
     assert m["splits"]["test0"]["num_refs"] == 2 and res["splits"] == ["test0"]
+
+
+def test_dev_evaluator_decodes_current_params_with_one_translator(monkeypatch):
+    """Dev BLEU during training: one Translator per train stage, each evaluation decoding with
+    the params it is given (as a fresh decode of those params would) and compiling nothing new."""
+    import ml_collections
+    from flax import nnx
+    from kd_flax import data, models, stages, train, translate
+
+    texts = ["the cat sat", "a dog ran far", "hello there world", "it rains", "le chat", "un chien"]
+    tok = models.train_tokenizer(texts * 5, 64)
+    model = models.create_model(models.tiny_config("t5", vocab_size=len(tok)), nnx.Rngs(0))
+    config = config_base.base_config()
+    config.data.update(bucket_boundaries=(8,), max_source_length=16, max_target_length=6)
+    tcfg = ml_collections.ConfigDict({"batch_size": 4, "eval_max_examples": 5})
+    dev = data.tokenize_examples([data.Example(i, s, s) for i, s in enumerate(texts)], tok,
+                                 max_source_length=16, max_target_length=6)
+    made, decoded = [], []
+    real_init, real_translate = translate.Translator.__init__, translate.Translator.translate
+    monkeypatch.setattr(translate.Translator, "__init__", lambda self, *a, **k: (made.append(self), real_init(self, *a, **k))[1])
+    monkeypatch.setattr(translate.Translator, "translate",
+                        lambda self, *a, **k: decoded.append(real_translate(self, *a, **k)) or decoded[-1])
+    graphdef, params, rest = train.split_model(model)
+    evaluate_dev = stages._evaluator((graphdef, rest), tok, dev, config, tcfg)
+    other = jax.tree.map(lambda x: x * 3.0, params)
+    assert set(evaluate_dev(params)) == {"loss", "bleu", "chrf"}
+    compiled = made[0].compilations()
+    for p in (other, params):
+        evaluate_dev(p)
+    assert len(made) == 1 and made[0].compilations() == compiled  # new weights, no new compilation
+    fresh = translate.Translator(nnx.merge(graphdef, other, rest), tok, dict(max_new_tokens=6, num_beams=1),
+                                 batch_size=4, max_source_length=16, bucket_boundaries=(8,))
+    assert decoded[1] == real_translate(fresh, texts[:5]) and decoded[0] == decoded[2] != decoded[1]

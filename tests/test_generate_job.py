@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -406,19 +407,45 @@ def test_config_arg_parsing_and_validation(setup):
         G.run(mono, d / "mono", generate_fn=fake_generate, load_fn=make_loader())
 
 
-def test_unsharded_step_lays_out_the_head_once(real_teacher):
-    """Without a mesh the job's jitted step takes kd_flax generate's LM head, laid out once, as an
-    argument (not once per batch inside the jit); the tokens are generate's own."""
+def test_unsharded_translator_lays_out_the_head_once(real_teacher):
+    """Without a mesh the job's Translator gives its jitted function the LM head laid out once
+    (not once per batch inside the jit); the tokens are kd_flax generate's own."""
     from kd_flax import decoding, models
+    from kd_flax.translate import Translator
 
     model = models.load_pretrained(real_teacher / "teacher")
     kw = dict(max_new_tokens=6, num_beams=2)
-    step = G.GenerateStep(model, decoding.generate, kw)
-    assert step.head is not None and step.head[0] is decoding.laid_out_head(model)[0]
+    translator = Translator(model, None, kw)
+    head = translator.head_for()
+    assert head is not None and translator.head_for()[0] is head[0]
     ids = np.random.default_rng(0).integers(3, model.config.vocab_size, (4, 5)).astype(np.int32)
     mask = np.ones_like(ids)
-    seqs, scores, _ = step(ids, mask, 0)
+    seqs, scores, _ = translator(ids, mask, 0)
+    assert translator.head_for()[0] is head[0]  # still the same layout after a call
     want = decoding.generate(model, ids, mask, **kw)
     np.testing.assert_array_equal(seqs, want.sequences)
     np.testing.assert_allclose(scores, want.scores, rtol=1e-6)
-    assert G.GenerateStep(model, lambda *a, **k: None, kw).head is None  # another decoder: untouched
+    assert Translator(model, None, kw, generate_fn=lambda *a, **k: None).head_for() is None  # another decoder
+
+
+def test_beams_and_returned_sequences_are_checked_by_one_function(setup):
+    """decoding.check_search is the one check of num_return_sequences against num_beams: the
+    decoder, the base config and this stage's config give its message, naming the config key."""
+    from kd_flax import config_base, decoding
+
+    d, _ = setup
+    with pytest.raises(ValueError) as want:
+        decoding.check_search(2, 3, prefix="generate.")
+    with pytest.raises(ValueError) as job:
+        G.validate_config(config(d, num_beams=2, num_return_sequences=3))
+    base = config_base.base_config()
+    base.generate.update(num_beams=2, num_return_sequences=3)
+    with pytest.raises(ValueError) as cfg:
+        config_base.validate(base, check_paths=False)
+    assert str(want.value).startswith("generate.num_return_sequences must be <= generate.num_beams (2)")
+    assert str(want.value) in str(job.value) and str(want.value) in str(cfg.value)
+    with pytest.raises(ValueError, match=r"^num_return_sequences must be <= num_beams \(2\)"):
+        decoding.resolve_settings(types.SimpleNamespace(eos_token_id=1, pad_token_id=0, decoder_start_token_id=0),
+                                  max_new_tokens=4, num_beams=2, num_return_sequences=3)
+    with pytest.raises(ValueError, match="generate.do_sample=True needs generate.num_beams=1"):
+        G.validate_config(config(d, num_beams=2, num_return_sequences=1, do_sample=True))

@@ -144,33 +144,75 @@ def test_long_vocabulary_greedy_and_beam_match_transformers(tmp_path):
     assert_beams_equal(out, ref, ref_scores, 2, c.eos_token_id, c.pad_token_id)
 
 
-def test_laid_out_head_is_kept_per_weights(t5, tmp_path):
-    """generate lays out a tied LM head once per set of weights, and gives the same output."""
+def test_translator_lays_out_the_head_once_per_weights(t5, tmp_path):
+    """A Translator lays out a tied LM head once per set of weights, and decodes as generate does,
+    with its model's weights or others of the same structure, compiling once."""
     from flax import nnx
 
+    from kd_flax.translate import Translator
+
     model, _, batch = t5
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     kw = dict(max_new_tokens=MAX_NEW)
-    first = decoding.laid_out_head(model)
-    assert decoding.laid_out_head(model)[0] is first[0]  # kept, not laid out again
+    translator = Translator(model, None, kw)
+    first = translator.head_for()
+    assert translator.head_for()[0] is first[0]  # kept, not laid out again
     np.testing.assert_array_equal(first[0], np.asarray(model.embed_tokens.embedding[...]).T)
-    out = decoding.generate(model, batch["input_ids"], batch["attention_mask"], **kw)
+    out = decoding.generate(model, ids, mask, **kw)
+    np.testing.assert_array_equal(translator(ids, mask)[0], out.sequences)
     # A caller that jits generate itself passes the head in; the output is the same.
     jitted = jax.jit(lambda state, head, ids, mask: decoding.generate(
         nnx.merge(nnx.graphdef(model), state), ids, mask, unembedding=head, **kw).sequences)
-    np.testing.assert_array_equal(jitted(nnx.state(model), first, batch["input_ids"], batch["attention_mask"]),
-                                  out.sequences)
-    # New weights: a new layout, and generate follows them.
+    np.testing.assert_array_equal(jitted(nnx.state(model), first, ids, mask), out.sequences)
+    # New weights: a new layout, and the Translator follows them without compiling again.
     changed = nnx.clone(model)
     changed.embed_tokens.embedding[...] = changed.embed_tokens.embedding[...] * 2.0
-    second = decoding.laid_out_head(changed)
+    second = translator.head_for(nnx.state(changed))
     np.testing.assert_array_equal(second[0], 2.0 * np.asarray(first[0]))
-    assert decoding.laid_out_head(model)[0] is not second[0]
+    assert translator.head_for()[0] is not second[0]
+    n = translator.compilations()
+    np.testing.assert_array_equal(translator(ids, mask, state=nnx.state(changed))[0],
+                                  decoding.generate(changed, ids, mask, **kw).sequences)
+    assert translator.compilations() == n == 1
     # An untied head is a weight already: returned as is, nothing copied.
     untied = models.load_pretrained(make_hf_model(tmp_path, "t5", untie_head=True)[0])
-    assert decoding.laid_out_head(untied)[0] is untied.lm_head.kernel[...]
+    assert Translator(untied, None, kw).head_for()[0] is untied.lm_head.kernel[...]
     with pytest.raises(ValueError, match="unembedding"):
-        decoding.generate(model, batch["input_ids"], batch["attention_mask"], mesh=sharding.make_mesh({"data": -1}),
-                          unembedding=first, **kw)
+        decoding.generate(model, ids, mask, mesh=sharding.make_mesh({"data": -1}), unembedding=first, **kw)
+
+
+@pytest.mark.parametrize("how", ["generate", "translator", "translator_unsharded"])
+def test_decoding_keeps_no_model_alive(t5, how):
+    """Once the caller drops a model (and its Translator), nothing holds it or its weights: not
+    `generate(mesh=)` (a module-level cache of sharded functions used to keep every model it
+    had seen on the devices), not the Translator's compiled function or laid-out head."""
+    import weakref
+
+    from flax import nnx
+
+    from kd_flax.translate import Translator
+
+    model, _, batch = t5
+    graphdef, state = nnx.split(model)
+    copy = nnx.merge(graphdef, jax.tree.map(jnp_copy, state))  # weights of its own
+    refs = [weakref.ref(copy), weakref.ref(jax.tree.leaves(nnx.state(copy))[0])]
+    kw = dict(max_new_tokens=MAX_NEW, num_beams=2)
+    mesh = None if how == "translator_unsharded" else sharding.make_mesh({"data": 4, "model": 2})
+    if how == "generate":
+        out = decoding.generate(copy, batch["input_ids"], batch["attention_mask"], mesh=mesh, **kw).sequences
+    else:
+        translator = Translator(copy, None, kw, mesh)
+        out = translator(batch["input_ids"], batch["attention_mask"])[0]
+        assert translator.head_for() is None or how == "translator_unsharded"
+        del translator
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(
+        decoding.generate(model, batch["input_ids"], batch["attention_mask"], **kw).sequences))
+    del copy
+    assert [r() for r in refs] == [None, None]
+
+
+def jnp_copy(x):
+    return jax.numpy.array(x, copy=True)
 
 
 def test_t5_beam_heuristic_early_stopping_false(t5):
@@ -211,7 +253,7 @@ def test_sharded_generation_equals_single_device(t5):
     kw = dict(max_new_tokens=MAX_NEW, num_beams=4, num_return_sequences=2, early_stopping=True)
     single = decoding.generate(model, batch["input_ids"], batch["attention_mask"], **kw)
     mesh = sharding.make_mesh({"data": 4, "model": 2})
-    # generate(mesh=...) builds (and caches) decoding.make_generate_fn(model, mesh, rules, **kw)
+    # generate(mesh=...) is jax.jit with NamedShardings; the compiled function keys on the graph
     out = decoding.generate(model, batch["input_ids"], batch["attention_mask"], mesh=mesh,
                             rules=sharding.DEFAULT_RULES, **kw)
     np.testing.assert_array_equal(np.asarray(out.sequences), np.asarray(single.sequences))
