@@ -22,7 +22,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from kd_flax import losses
+from kd_flax import fused_kd, losses
 
 MiB = 2**20
 
@@ -41,7 +41,7 @@ def unfused_loss(hs, ws, ht, wt, temperature):
 
 
 def fused_loss(hs, ws, ht, wt, temperature, chunk_size):
-    return losses.fused_kd_kl(hs, ws, ht, wt, temperature=temperature, chunk_size=chunk_size)[0]
+    return fused_kd.fused_kd_kl(hs, ws, ht, wt, temperature=temperature, chunk_size=chunk_size)[0]
 
 
 def measure(loss_fn, args, repeats: int):

@@ -4,8 +4,8 @@
 
 Random weights (sizes do not depend on values). Quantized with `quant.default_rules(bits)`
 (Dense kernels per output channel, token embeddings per row; norms, biases and position
-tables stay float32), exported with `quant.export_quantized`, and measured with
-`quant.exported_nbytes` (packed int4/int2 codes + scales + the float leaves). Also checks
+tables stay float32), exported with `int_weights.export_quantized`, and measured with
+`int_weights.exported_nbytes` (packed int4/int2 codes + scales + the float leaves). Also checks
 that dequantizing the export gives exactly the fake-quant weights.
 """
 
@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from kd_flax import quant
+from kd_flax import int_weights, quant
 from kd_flax.models import T5Config, create_model
 
 
@@ -35,12 +35,12 @@ def main():
     for bits, name in ((8, "int8"), (4, "int4"), (2, "ternary (2-bit)")):
         rules = quant.default_rules(bits, granularity=args.granularity)
         t0 = time.perf_counter()
-        exported = quant.export_quantized(params, rules)
+        exported = int_weights.export_quantized(params, rules)
         seconds = time.perf_counter() - t0
-        size = quant.exported_nbytes(exported)
+        size = int_weights.exported_nbytes(exported)
         fq = quant.quantize_params(params, rules)
         same = all(np.array_equal(np.asarray(a), np.asarray(b))
-                   for a, b in zip(jax.tree.leaves(quant.dequantize(exported, like=params)), jax.tree.leaves(fq)))
+                   for a, b in zip(jax.tree.leaves(int_weights.dequantize(exported, like=params)), jax.tree.leaves(fq)))
         print(f"| {name} | {size / 2**20:.1f} | {fp32 / size:.1f}× smaller | {seconds:.1f} | {same} |")
 
 

@@ -69,10 +69,10 @@ def select_splits(test_specs: Sequence[str] | str, wanted: Sequence[str]) -> lis
 
 def read_split(spec: str, config) -> tuple[list[str], list[list[str]] | None]:
     """Sources and per-sentence reference lists of one test set, read by
-    `kd_flax.data.read_corpus` (all its formats, gzip, gs://). Multi-reference rows carry
+    `kd_flax.corpus.read_corpus` (all its formats, gzip, gs://). Multi-reference rows carry
     `refs`; otherwise the single `ref` is used. Returns refs=None when a line has none."""
-    from kd_flax import data
-    corpus = data.read_corpus(spec, src_lang=config.data.src_lang, tgt_lang=config.data.tgt_lang)
+    from kd_flax import corpus as corpus_lib
+    corpus = corpus_lib.read_corpus(spec, src_lang=config.data.src_lang, tgt_lang=config.data.tgt_lang)
     sources = [ex.src for ex in corpus]
     refs = [list(ex.refs) if ex.refs else ([ex.ref] if ex.ref else []) for ex in corpus]
     if not sources:

@@ -5,7 +5,7 @@
   weights its quantized forward used (activation quantization is not expressible in an HF
   checkpoint; the integer export below carries the weights a runtime would ship).
 - `int`: `WORKDIR/export/int/model.safetensors` + metadata — int8 (int4 / int2 packed)
-  weights and their scales, from `kd_flax.quant.export_quantized`; its real byte size is
+  weights and their scales, from `kd_flax.int_weights.export_quantized`; its real byte size is
   recorded, answering DQ-BART's "where is the compression?".
 
 `WORKDIR/export/summary.json` records parameter count and sizes (float32 bytes, exported bytes).
@@ -18,7 +18,7 @@ import os
 import jax
 from flax import nnx
 
-from kd_flax import evaluate, io_utils, quant
+from kd_flax import evaluate, int_weights, io_utils, quant
 
 
 def run(config, workdir) -> dict:
@@ -42,9 +42,9 @@ def run(config, workdir) -> dict:
         if rules is None:
             summary["int_bytes"] = None  # nothing to quantize: the HF export is the artifact
         else:
-            exported = quant.export_quantized(state, rules)
-            quant.save_quantized(exported, os.path.join(out, "int", "model.safetensors"))
-            summary["int_bytes"] = int(quant.exported_nbytes(exported))
+            exported = int_weights.export_quantized(state, rules)
+            int_weights.save_quantized(exported, os.path.join(out, "int", "model.safetensors"))
+            summary["int_bytes"] = int(int_weights.exported_nbytes(exported))
     if jax.process_index() == 0:
         io_utils.atomic_write_json(os.path.join(out, "summary.json"), summary)
     return summary

@@ -167,10 +167,10 @@ def prepare(config, workdir, *, is_writer: bool = True) -> None:
         if config.teacher.init == "scratch" and not config.teacher.tokenizer:
             tok_dir = wd.tokenizer_dir
             if is_writer and not io_utils.exists(io_utils.join(tok_dir, "tokenizer.json")):
-                from kd_flax import data as data_lib
+                from kd_flax import corpus as corpus_lib
                 from kd_flax.models import train_tokenizer
                 texts = []
-                for ex in data_lib.read_corpus(config.data.train, src_lang=config.data.src_lang,
+                for ex in corpus_lib.read_corpus(config.data.train, src_lang=config.data.src_lang,
                                                tgt_lang=config.data.tgt_lang):
                     texts.append(ex.src)
                     if ex.ref:

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from kd_flax import losses
+from kd_flax import fused_kd, losses
 from kd_flax.config_base import cfg_choice, cfg_get
 
 TERMS = ("ce", "kd", "hidden", "attention")
@@ -242,7 +242,7 @@ def loss_terms(student, batch, teacher=None, *, spec: LossSpec,
         if fused:
             w_s, b_s = student.unembedding()
             w_t, b_t = teacher.unembedding()
-            terms["kd"] = losses.fused_kd_kl(dec.logits_hidden, w_s, t_dec.logits_hidden, w_t, tok_w,
+            terms["kd"] = fused_kd.fused_kd_kl(dec.logits_hidden, w_s, t_dec.logits_hidden, w_t, tok_w,
                                              temperature=spec.temperature, student_bias=b_s, teacher_bias=b_t)
         else:
             terms["kd"] = KD_LOSSES[spec.kd_type](logits, t_out, labels, tok_w, spec)

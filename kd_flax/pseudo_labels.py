@@ -34,6 +34,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from kd_flax import corpus as corpus_lib
 from kd_flax import data as data_lib
 from kd_flax import io_utils, sharding
 from kd_flax import workdir as workdir_lib
@@ -296,7 +297,7 @@ def run(config, workdir, *, force: bool = False, generate_fn: Callable | None = 
         return old
 
     g, d = config.generate, config.data
-    corpus = data_lib.read_corpus(d.train, src_lang=_get(d, "src_lang") or None,
+    corpus = corpus_lib.read_corpus(d.train, src_lang=_get(d, "src_lang") or None,
                                   tgt_lang=_get(d, "tgt_lang") or None)
     report = corpus.report
     limit = int(_get(d, "max_train_examples") or 0)
@@ -422,7 +423,7 @@ def _run_shard(config, shard, examples, translator, tokenizer, boundaries, pad_i
                out_dir, pc) -> dict:
     g, d = config.generate, config.data
     t0 = time.time()
-    report = data_lib.CorpusReport()
+    report = corpus_lib.CorpusReport()
     tok_ex = data_lib.tokenize_examples(examples, tokenizer, max_source_length=d.max_source_length,
                                         source_prefix=_get(d, "source_prefix") or "", report=report)
     src_counts = None
@@ -492,10 +493,10 @@ def output_dir(workdir_or_dir) -> str:
     return os.fspath(p / OUT_SUBDIR)
 
 
-def load_pseudo_labels(workdir_or_dir, *, with_nbest: bool = False) -> list[data_lib.Example]:
+def load_pseudo_labels(workdir_or_dir, *, with_nbest: bool = False) -> list[corpus_lib.Example]:
     """The kept pseudo-labels of a finished job, sorted by id.
 
-    Returns :class:`kd_flax.data.Example` records whose ``ref`` is the teacher's ``hyp`` and
+    Returns :class:`kd_flax.corpus.Example` records whose ``ref`` is the teacher's ``hyp`` and
     ``gold`` the corpus reference. Raises ``ValueError`` if the job is not done, a shard is
     missing, or an id appears twice.
     """
@@ -515,7 +516,7 @@ def load_pseudo_labels(workdir_or_dir, *, with_nbest: bool = False) -> list[data
             if rec["id"] in seen:
                 raise ValueError(f"load_pseudo_labels: id {rec['id']} appears twice ({path})")
             seen.add(rec["id"])
-            ex = data_lib.Example(rec["id"], rec["src"], rec["hyp"], gold=rec.get("ref"))
+            ex = corpus_lib.Example(rec["id"], rec["src"], rec["hyp"], gold=rec.get("ref"))
             if with_nbest and "hyps" in rec:
                 ex.refs = tuple(rec["hyps"])
             examples.append(ex)

@@ -141,10 +141,10 @@ def _exit_preempted(result):
 
 
 def _gold(config, spec):
-    from kd_flax import data as data_lib
+    from kd_flax import corpus as corpus_lib
     if not spec:
         return []
-    ex = data_lib.read_corpus(spec, src_lang=config.data.src_lang, tgt_lang=config.data.tgt_lang)
+    ex = corpus_lib.read_corpus(spec, src_lang=config.data.src_lang, tgt_lang=config.data.tgt_lang)
     n = int(_get(config.data, "max_train_examples", 0) or 0)
     return list(ex)[:n] if n and spec == config.data.train else list(ex)
 

@@ -17,7 +17,6 @@ import dataclasses
 import logging
 from typing import Any, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

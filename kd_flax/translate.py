@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from kd_flax import corpus as corpus_lib
 from kd_flax import data as data_lib
 from kd_flax import decoding
 from kd_flax.decoding import GenerateOutput, GenerationSettings, expand_rows, resolve_settings
@@ -446,7 +447,7 @@ class Translator:
         config = getattr(self.model, "config", None)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else getattr(config, "pad_token_id", 0) or 0
         eos_id = getattr(config, "eos_token_id", tok.eos_token_id)
-        examples = data_lib.tokenize_examples([data_lib.Example(i, t) for i, t in enumerate(texts)], tok,
+        examples = data_lib.tokenize_examples([corpus_lib.Example(i, t) for i, t in enumerate(texts)], tok,
                                               max_source_length=self.max_source_length,
                                               source_prefix=self.source_prefix)
         batch_size = -(-self.batch_size // self.data_shards) * self.data_shards

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from kd_flax import corpus as C
 from kd_flax import data, io_utils
 
 WORDS = "the cat sat on a mat le chat est sur un tapis".split()
@@ -42,7 +43,7 @@ def write(path, content: bytes):
 def test_tsv_gz_and_every_tsv_bad_kind(tmp_path):
     p = write(tmp_path / "c.tsv.gz", b"the cat\tle chat\n\tvide\nno tab here\n"
               b"bad \xff byte\tx\na\tb\tc\nsat\t \non a mat\tsur un tapis\r\n")
-    corpus = data.read_corpus(p)
+    corpus = C.read_corpus(p)
     assert [(e.id, e.src, e.ref) for e in corpus] == [(0, "the cat", "le chat"),
                                                       (6, "on a mat", "sur un tapis")]
     r = corpus.report
@@ -51,7 +52,7 @@ def test_tsv_gz_and_every_tsv_bad_kind(tmp_path):
     assert [str(b).split(": ")[0] for b in r.samples] == [f"{p}:{i}" for i in (2, 3, 4, 5, 6)]
     assert r.samples[3].kind == "tsv_fields" and "found 3" in r.samples[3].message
     with pytest.raises(ValueError, match=rf"{p}:2: empty_source"):
-        data.read_corpus(p, strict=True)
+        C.read_corpus(p, strict=True)
 
 
 def test_jsonl_plain_translation_and_bad_kinds(tmp_path):
@@ -64,63 +65,63 @@ def test_jsonl_plain_translation_and_bad_kinds(tmp_path):
              json.dumps({"translation": {"de": "x", "fr": "y"}}),
              json.dumps({"src": "sat", "refs": ["est", "assis"]})]
     p = write(tmp_path / "c.jsonl", ("\n".join(lines) + "\n").encode())
-    corpus = data.read_corpus(p, src_lang="en", tgt_lang="fr")
+    corpus = C.read_corpus(p, src_lang="en", tgt_lang="fr")
     assert [(e.id, e.src, e.ref, e.refs) for e in corpus] == [
         (0, "the cat", "le chat", None), (2, "a mat", "un tapis", None), (7, "sat", None, ("est", "assis"))]
     assert dict(corpus.report.bad) == {"invalid_json": 3, "missing_key": 2}
     assert [b.line for b in corpus.report.samples] == [2, 4, 5, 6, 7]
     with pytest.raises(ValueError, match=r"src_lang"):
-        data.read_corpus(write(tmp_path / "t.jsonl", lines[2].encode() + b"\n"))
+        C.read_corpus(write(tmp_path / "t.jsonl", lines[2].encode() + b"\n"))
     # configurable keys
     q = write(tmp_path / "k.jsonl", b'{"en": "a cat", "fr": "un chat"}\n')
-    assert data.read_corpus(q, src_key="en", ref_key="fr")[0].ref == "un chat"
+    assert C.read_corpus(q, src_key="en", ref_key="fr")[0].ref == "un chat"
 
 
 def test_text_pair_template_plus_and_length_mismatch(tmp_path):
     write(tmp_path / "train.en.gz", b"the cat\na mat\nsat\nextra\n")
     write(tmp_path / "train.fr.gz", b"le chat\nun tapis\nassis\n")
     tpl = str(tmp_path / "train.{lang}.gz")
-    corpus = data.read_corpus(tpl, src_lang="en", tgt_lang="fr")
+    corpus = C.read_corpus(tpl, src_lang="en", tgt_lang="fr")
     assert [(e.id, e.src, e.ref) for e in corpus] == [(0, "the cat", "le chat"), (1, "a mat", "un tapis"),
                                                       (2, "sat", "assis")]
     assert dict(corpus.report.bad) == {"length_mismatch": 1}
     assert str(corpus.report.samples[0]).startswith(f"{tmp_path / 'train.en.gz'}:4: length_mismatch")
     plus = f"{tmp_path / 'train.en.gz'}+{tmp_path / 'train.fr.gz'}"
-    assert [e.src for e in data.read_corpus(plus)] == [e.src for e in corpus]
+    assert [e.src for e in C.read_corpus(plus)] == [e.src for e in corpus]
     with pytest.raises(ValueError, match="train.en.gz:4: length_mismatch"):
-        data.read_corpus(plus, strict=True)
+        C.read_corpus(plus, strict=True)
     with pytest.raises(ValueError, match="src_lang"):
-        data.read_corpus(tpl)
+        C.read_corpus(tpl)
     # monolingual: one plain file
-    mono = data.read_corpus(str(tmp_path / "train.en.gz"))
+    mono = C.read_corpus(str(tmp_path / "train.en.gz"))
     assert [e.ref for e in mono] == [None] * 4 and [e.id for e in mono] == [0, 1, 2, 3]
     # a list of specs: ids continue
-    both = data.read_corpus([str(tmp_path / "train.fr.gz"), str(tmp_path / "train.en.gz")])
+    both = C.read_corpus([str(tmp_path / "train.fr.gz"), str(tmp_path / "train.en.gz")])
     assert [e.id for e in both] == list(range(7))
 
 
 def test_datasets_local_json_and_csv(tmp_path):
     p = write(tmp_path / "d.jsonl", b'{"src": "the cat", "ref": "le chat"}\n{"src": "", "ref": "x"}\n'
               b'{"src": "a mat", "ref": "un tapis"}\n')
-    corpus = data.read_corpus(f"hf:{p}@train")
+    corpus = C.read_corpus(f"hf:{p}@train")
     assert [(e.id, e.src, e.ref) for e in corpus] == [(0, "the cat", "le chat"), (2, "a mat", "un tapis")]
     assert dict(corpus.report.bad) == {"empty_source": 1}
     csv = write(tmp_path / "d.csv", b"en,fr\nthe cat,le chat\nsat,assis\n")
-    corpus = data.read_corpus(f"hf:{csv}", src_key="en", ref_key="fr")
+    corpus = C.read_corpus(f"hf:{csv}", src_key="en", ref_key="fr")
     assert [(e.src, e.ref) for e in corpus] == [("the cat", "le chat"), ("sat", "assis")]
     import datasets
 
     ds = datasets.Dataset.from_list([{"translation": {"en": "a cat", "fr": "un chat"}}])
-    assert data.read_corpus(ds, src_lang="en", tgt_lang="fr")[0].ref == "un chat"
+    assert C.read_corpus(ds, src_lang="en", tgt_lang="fr")[0].ref == "un chat"
     with pytest.raises(ValueError, match="no source column 'src'"):
-        data.read_corpus(f"hf:{csv}")
+        C.read_corpus(f"hf:{csv}")
 
 
 def test_missing_file_and_bad_fmt(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
-        data.read_corpus(str(tmp_path / "nope.tsv"))
+        C.read_corpus(str(tmp_path / "nope.tsv"))
     with pytest.raises(ValueError, match="fmt must be one of"):
-        data.read_corpus(str(tmp_path / "x"), fmt="csv")
+        C.read_corpus(str(tmp_path / "x"), fmt="csv")
 
 
 # ----------------------------------------------------------------------------- tokenising, buckets
@@ -128,8 +129,8 @@ def test_missing_file_and_bad_fmt(tmp_path):
 
 def test_tokenize_prefix_truncation_and_eos():
     tok = word_tokenizer()
-    exs = [data.Example(0, "the cat sat on a mat", "le chat"), data.Example(1, "cat", None)]
-    report = data.CorpusReport()
+    exs = [C.Example(0, "the cat sat on a mat", "le chat"), C.Example(1, "cat", None)]
+    report = C.CorpusReport()
     out = data.tokenize_examples(exs, tok, max_source_length=5, max_target_length=8,
                                  source_prefix="translate English to French: ", report=report)
     ref0 = tok("translate English to French: the cat sat on a mat")["input_ids"]
@@ -145,7 +146,7 @@ def test_bucket_length_and_generation_batches():
     assert bounds == (4, 8, 12)
     assert [data.bucket_length(n, bounds) for n in (1, 4, 5, 12, 13, 25)] == [4, 4, 8, 12, 24, 36]
     rng = np.random.default_rng(0)
-    exs = [data.Example(i, "x", input_ids=np.arange(1, int(n) + 1, dtype=np.int32))
+    exs = [C.Example(i, "x", input_ids=np.arange(1, int(n) + 1, dtype=np.int32))
            for i, n in enumerate(rng.integers(1, 13, size=23))]
     batches = data.generation_batches(exs, 4, bounds, pad_id=0)
     seen = []
@@ -192,7 +193,7 @@ def _train_examples(n=13):
         t = np.append(rng.integers(3, 20, size=int(rng.integers(0, 7))), 1).astype(np.int32)
         if i % 3 == 0:
             t = t[:-1]  # no EOS: batches() must add it
-        out.append(data.Example(100 + i, "x", "y", input_ids=s, target_ids=t))
+        out.append(C.Example(100 + i, "x", "y", input_ids=s, target_ids=t))
     return out
 
 

@@ -14,7 +14,7 @@ import sacrebleu
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kd_flax import config_base, evaluate, metrics, report
+from kd_flax import config_base, corpus, evaluate, metrics, report
 from kd_flax.translate import Translator
 
 HYPS = ["the cat sat on the mat", "a dog runs in the park", "hello world", "it is raining today"]
@@ -127,7 +127,7 @@ def test_bucketing():
     fixed batch size, each batch padded only to its bucket."""
     from kd_flax import data
     lengths = [3, 12, 5, 9, 2, 15, 7]
-    examples = [data.Example(i, "", input_ids=np.arange(n, dtype=np.int32)) for i, n in enumerate(lengths)]
+    examples = [corpus.Example(i, "", input_ids=np.arange(n, dtype=np.int32)) for i, n in enumerate(lengths)]
     batches = data.generation_batches(examples, 2, data.normalize_boundaries((8,), 16), pad_id=0)
     assert sorted(int(b["rows"][r]) for b in batches for r in np.flatnonzero(b["valid"])) == list(range(7))
     for b in batches:
@@ -319,7 +319,7 @@ def test_dev_evaluator_decodes_current_params_with_one_translator(monkeypatch):
     config = config_base.base_config()
     config.data.update(bucket_boundaries=(8,), max_source_length=16, max_target_length=6)
     tcfg = ml_collections.ConfigDict({"batch_size": 4, "eval_max_examples": 5})
-    dev = data.tokenize_examples([data.Example(i, s, s) for i, s in enumerate(texts)], tok,
+    dev = data.tokenize_examples([corpus.Example(i, s, s) for i, s in enumerate(texts)], tok,
                                  max_source_length=16, max_target_length=6)
     made, decoded = [], []
     real_init, real_translate = translate.Translator.__init__, translate.Translator.translate

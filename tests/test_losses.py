@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kd_flax import fused_kd as F
 from kd_flax import losses as L
 
 SETTINGS = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -410,7 +411,7 @@ def _unfused(hs, ws, bs, reduce):
 @pytest.mark.parametrize("chunk,reduce", [(1, True), (4, True), (64, True), (3, False)])
 def test_fused_kd_kl_matches_unfused(chunk, reduce):
     def fused(hs, ws, bs):
-        out = L.fused_kd_kl(hs, ws, _HT, _WT, _FW, temperature=2.0, chunk_size=chunk,
+        out = F.fused_kd_kl(hs, ws, _HT, _WT, _FW, temperature=2.0, chunk_size=chunk,
                             student_bias=bs, teacher_bias=_BT, reduce=reduce)
         return out[0] if reduce else jnp.sum(out * _FT)
 
@@ -420,13 +421,13 @@ def test_fused_kd_kl_matches_unfused(chunk, reduce):
     for g, w in zip(got_g, want_g):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
     if reduce:
-        assert float(L.fused_kd_kl(_HS, _WS, _HT, _WT, _FW, chunk_size=chunk)[1]) == pytest.approx(_FW.sum())
+        assert float(F.fused_kd_kl(_HS, _WS, _HT, _WT, _FW, chunk_size=chunk)[1]) == pytest.approx(_FW.sum())
 
 
 def test_fused_kd_kl_teacher_is_constant_and_no_bias_path():
-    grads = jax.grad(lambda ht, wt: L.fused_kd_kl(_HS, _WS, ht, wt, chunk_size=4)[0], argnums=(0, 1))(_HT, _WT)
+    grads = jax.grad(lambda ht, wt: F.fused_kd_kl(_HS, _WS, ht, wt, chunk_size=4)[0], argnums=(0, 1))(_HT, _WT)
     assert all(np.all(np.asarray(g) == 0) for g in grads)
-    got = jax.grad(lambda hs: L.mean(L.fused_kd_kl(hs, _WS, _HT, _WT, _FW, chunk_size=5)))(_HS)
+    got = jax.grad(lambda hs: L.mean(F.fused_kd_kl(hs, _WS, _HT, _WT, _FW, chunk_size=5)))(_HS)
     want = jax.grad(lambda hs: L.mean(L.kd_kl(hs @ _WS, _HT @ _WT, _FW)))(_HS)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
 
@@ -450,7 +451,7 @@ def test_fused_kd_kl_never_materialises_token_by_vocab_logits(reduce):
     n_tokens, vocab = 14, 11  # chunk of 2 tokens: [2, 11] logits at most
 
     def fused(hs, ws):
-        out = L.fused_kd_kl(hs, ws, _HT, _WT, _FW, chunk_size=2, reduce=reduce)
+        out = F.fused_kd_kl(hs, ws, _HT, _WT, _FW, chunk_size=2, reduce=reduce)
         return out[0] if reduce else jnp.sum(out * _FT)
 
     def unfused(hs, ws):
@@ -468,7 +469,7 @@ _V5 = np.zeros((2, 3, 5), np.float32)
 _Y = np.zeros((2, 3), int)
 BAD = [
     (lambda: L.kd_kl(_V5, np.zeros((2, 3, 6), np.float32)), r"vocab size 5 .* 6.*shared vocabulary.*sequence-level"),
-    (lambda: L.fused_kd_kl(_HS, _WS, _HT, np.zeros((4, 12), np.float32)), r"vocab size 11 .* 12.*shared vocabulary"),
+    (lambda: F.fused_kd_kl(_HS, _WS, _HT, np.zeros((4, 12), np.float32)), r"vocab size 11 .* 12.*shared vocabulary"),
     (lambda: L.reverse_kl(_V5, np.zeros((2, 4, 5), np.float32)), r"teacher_logits has shape"),
     (lambda: L.interpolated_kl(_V5, _V5, _Y, lam=1.5), r"lam must be in \[0, 1\]"),
     (lambda: L.interpolated_kl(_V5, _V5, _Y, lam=-0.1), r"lam must be in \[0, 1\]"),
@@ -477,7 +478,7 @@ BAD = [
     (lambda: L.cross_entropy(_V5, _Y, smoothing="t5"), r"smoothing must be 'fairseq' or 'uniform'"),
     (lambda: L.kd_kl(_V5, _V5, temperature=0.0), r"temperature must be a finite number > 0"),
     (lambda: L.generalized_jsd(_V5, _V5, temperature=-1.0), r"temperature must be a finite number > 0"),
-    (lambda: L.fused_kd_kl(_HS, _WS, _HT, _WT, temperature=0), r"temperature must be"),
+    (lambda: F.fused_kd_kl(_HS, _WS, _HT, _WT, temperature=0), r"temperature must be"),
     (lambda: L.generalized_jsd(_V5, _V5, beta=0.0), r"beta must be in \(0, 1\)"),
     (lambda: L.generalized_jsd(_V5, _V5, beta=1.0), r"beta must be in \(0, 1\)"),
     (lambda: L.cross_entropy(_V5, _Y + 5), r"labels must be in \[0, 5\).*found id 5"),
@@ -490,10 +491,10 @@ BAD = [
     (lambda: L.hidden_mse(_HS, _HT), r"hidden size 3 but teacher_hidden has 4"),
     (lambda: L.attention_mse(np.zeros((2, 3, 4), np.float32), np.zeros((2, 3, 5), np.float32)), r"student_attn has shape"),
     (lambda: L.attention_mse(np.zeros((2, 3, 4), np.float32), np.zeros((2, 3, 4), np.float32), np.ones(4)), r"query_mask has shape"),
-    (lambda: L.fused_kd_kl(_HS, _WS, _HT, _WT, chunk_size=0), r"chunk_size must be a positive int"),
-    (lambda: L.fused_kd_kl(_HT, _WS, _HT, _WT), r"student_hidden has hidden size 4 but student_unembed"),
-    (lambda: L.fused_kd_kl(_HS, _WS, _HT[:, :5], _WT), r"token axes"),
-    (lambda: L.fused_kd_kl(_HS, _WS, _HT, _WT, student_bias=np.zeros(3, np.float32)), r"student_bias has shape \(3,\)"),
+    (lambda: F.fused_kd_kl(_HS, _WS, _HT, _WT, chunk_size=0), r"chunk_size must be a positive int"),
+    (lambda: F.fused_kd_kl(_HT, _WS, _HT, _WT), r"student_hidden has hidden size 4 but student_unembed"),
+    (lambda: F.fused_kd_kl(_HS, _WS, _HT[:, :5], _WT), r"token axes"),
+    (lambda: F.fused_kd_kl(_HS, _WS, _HT, _WT, student_bias=np.zeros(3, np.float32)), r"student_bias has shape \(3,\)"),
 ]
 
 
@@ -521,7 +522,7 @@ def test_fused_kd_kl_under_a_data_sharded_mesh():
     mask = rng.random((8, 6)) < 0.8
 
     def step(hs, ws, ht, wt, mask):
-        loss = lambda hs, ws: L.mean(L.fused_kd_kl(hs, ws, ht, wt, mask, chunk_size=8))  # noqa: E731
+        loss = lambda hs, ws: L.mean(F.fused_kd_kl(hs, ws, ht, wt, mask, chunk_size=8))  # noqa: E731
         return jax.value_and_grad(loss, argnums=(0, 1))(hs, ws)
 
     data, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())

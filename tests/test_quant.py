@@ -12,6 +12,7 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kd_flax import int_weights as W
 from kd_flax import quant as Q
 from kd_flax.tree_paths import path_str
 
@@ -370,9 +371,9 @@ def test_pack_unpack_round_trip(bits, signed, n, seed):
     rng = np.random.RandomState(seed)
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     q = rng.randint(lo, hi + 1, size=n).astype(np.int8 if signed else np.uint8)
-    packed = Q.pack_bits(q, bits)
+    packed = W.pack_bits(q, bits)
     assert packed.nbytes == -(-n * bits // 8)
-    np.testing.assert_array_equal(Q.unpack_bits(packed, bits, n, signed=signed), q)
+    np.testing.assert_array_equal(W.unpack_bits(packed, bits, n, signed=signed), q)
 
 
 @pytest.mark.parametrize("rules", [
@@ -386,21 +387,21 @@ def test_export_dequantize_is_bit_exact(rules, tmp_path):
     # a bfloat16 leaf too: cast back the same way
     state["lm_head"]["kernel"].set_value(state["lm_head"]["kernel"][...].astype(jnp.bfloat16))
     ref = Q.quantize_params(state, rules)
-    exported = Q.export_quantized(state, rules)
+    exported = W.export_quantized(state, rules)
     for back in (exported, None):
         if back is None:
-            Q.save_quantized(exported, tmp_path / "q.safetensors")
-            back = Q.load_quantized(tmp_path / "q.safetensors")
-        deq = Q.dequantize(back, like=state)
+            W.save_quantized(exported, tmp_path / "q.safetensors")
+            back = W.load_quantized(tmp_path / "q.safetensors")
+        deq = W.dequantize(back, like=state)
         assert type(deq) is type(state)
         for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(deq)):
             assert _bits_equal(a, b)
-        pure = Q.dequantize(back)
+        pure = W.dequantize(back)
         assert _bits_equal(pure["layers"][1]["kernel"], ref["layers"][1]["kernel"][...])
         assert _bits_equal(pure["final_norm"]["scale"], state["final_norm"]["scale"][...])
     # the jitted fake-quant (what the train step runs) matches the export too
     jref = jax.jit(lambda s: Q.quantize_params(s, rules))(state)
-    for a, b in zip(jax.tree.leaves(jref), jax.tree.leaves(Q.dequantize(exported, like=state))):
+    for a, b in zip(jax.tree.leaves(jref), jax.tree.leaves(W.dequantize(exported, like=state))):
         assert _bits_equal(a, b)
 
 
@@ -410,16 +411,16 @@ def test_export_byte_size():
     fp = w.size * 4
     sizes = {}
     for bits in (8, 4, 2):
-        ex = Q.export_quantized(params, Q.default_rules(bits))
+        ex = W.export_quantized(params, Q.default_rules(bits))
         t = ex["fc/kernel"]
         assert t.codes.nbytes == w.size * bits // 8
         assert t.scale.shape == (1, 128)
-        assert Q.exported_nbytes(ex) == w.size * bits // 8 + 128 * 4 + 128 * 4
+        assert W.exported_nbytes(ex) == w.size * bits // 8 + 128 * 4 + 128 * 4
         sizes[bits] = t.nbytes / fp
     assert sizes[4] == pytest.approx(1 / 8, rel=0.05)
     assert sizes[8] == pytest.approx(1 / 4, rel=0.05)
     assert sizes[2] == pytest.approx(1 / 16, rel=0.1)
-    assert Q.export_quantized(params, Q.default_rules(8))["fc/kernel"].codes.dtype == np.int8
+    assert W.export_quantized(params, Q.default_rules(8))["fc/kernel"].codes.dtype == np.int8
 
 
 def test_load_rejects_foreign_file(tmp_path):
@@ -428,7 +429,7 @@ def test_load_rejects_foreign_file(tmp_path):
     p = tmp_path / "other.safetensors"
     save_file({"a": np.zeros(2, np.float32)}, str(p))
     with pytest.raises(ValueError, match="format"):
-        Q.load_quantized(p)
+        W.load_quantized(p)
 
 
 # ----------------------------------------------------------------------------- rules_for: the one home

@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from kd_flax import corpus
 from kd_flax import data as data_lib
 from kd_flax import losses, models, quant, sharding
 from kd_flax import student as S
@@ -116,7 +117,7 @@ def test_student_learns_from_teacher_pseudo_labels():
     src = rng.integers(3, 20, (160, 6)).astype(np.int32)  # a small source vocabulary: learnable
     out = decoding.generate(teacher, jnp.asarray(src), jnp.ones_like(src), max_new_tokens=6)
     hyps = np.asarray(out.sequences)[:, 0]
-    ex = [data_lib.Example(i, "", input_ids=src[i], target_ids=hyps[i][hyps[i] != 0][:5])
+    ex = [corpus.Example(i, "", input_ids=src[i], target_ids=hyps[i][hyps[i] != 0][:5])
           for i in range(len(src))]
     train_ex, dev_ex = ex[:128], ex[128:]
     c = teacher.config
@@ -278,7 +279,7 @@ def test_make_optimizer_and_schedules():
 
 def _examples(n=40, seed=0):
     rng = np.random.default_rng(seed)
-    return [data_lib.Example(i, "", input_ids=rng.integers(3, V, rng.integers(3, 7)).astype(np.int32),
+    return [corpus.Example(i, "", input_ids=rng.integers(3, V, rng.integers(3, 7)).astype(np.int32),
                              target_ids=rng.integers(3, V, rng.integers(2, 6)).astype(np.int32))
             for i in range(n)]
 
