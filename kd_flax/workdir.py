@@ -260,23 +260,35 @@ def _holder_text(path, raw: bytes) -> str:
         return f"{path} is held by another process"
 
 
+def _stale(raw: bytes) -> bool:
+    """A lock whose holder ran on this host and is gone (kill -9, a crash)."""
+    try:
+        h = json.loads(raw.decode())
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(h, dict) and h.get("host") == socket.gethostname() \
+        and isinstance(h.get("pid"), int) and not _alive(h["pid"])
+
+
+def _locked(path, raw: bytes) -> WorkdirLocked:
+    return WorkdirLocked(f"workdir locked: {_holder_text(path, raw)}; wait for it to finish "
+                         f"(or delete {path} if that process is gone)")
+
+
 def _create_local(path: str, blob: bytes) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    for _ in range(2):
+    for attempt in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
                 raw = open(path, "rb").read()
-                h = json.loads(raw.decode())
-            except (OSError, ValueError):
-                raw, h = b"", {}
-            if h.get("host") == socket.gethostname() and isinstance(h.get("pid"), int) \
-                    and not _alive(h["pid"]):
-                os.unlink(path)  # its process is gone (kill -9, a crash): take it over
+            except OSError:
+                raw = b""
+            if attempt == 0 and _stale(raw):
+                os.unlink(path)  # its process is gone: take it over
                 continue
-            raise WorkdirLocked(f"workdir locked: {_holder_text(path, raw)}; wait for it to finish "
-                                f"(or delete {path} if that process is gone)") from None
+            raise _locked(path, raw) from None
         with os.fdopen(fd, "wb") as f:
             f.write(blob)
         return
@@ -293,20 +305,28 @@ def _alive(pid: int) -> bool:
 
 
 def _create_remote(path: str, blob: bytes) -> None:
+    """Create-only write: gcsfs ``pipe_file(mode="create")`` sends ``ifGenerationMatch=0``,
+    which Cloud Storage answers with 412 (gcsfs: FileExistsError) when the object exists.
+    The existence check before it is for stores that ignore preconditions (the local
+    emulator): it refuses a second run that starts while the first holds the lock, but
+    only the precondition makes two simultaneous starts safe."""
     import fsspec
     fs, _, (target,) = fsspec.get_fs_token_paths(path)
-    try:
-        fs.pipe_file(target, blob, mode="create")  # gcsfs: ifGenerationMatch=0
-    except (FileExistsError, OSError) as e:
-        if isinstance(e, FileExistsError) or getattr(e, "code", None) == 412 or "412" in str(e) \
-                or "Precondition" in str(e):
-            try:
-                raw = fs.cat_file(target)
-            except (OSError, FileNotFoundError):
-                raw = b""
-            raise WorkdirLocked(f"workdir locked: {_holder_text(path, raw)}; wait for it to finish "
-                                f"(or delete {path} if that process is gone)") from None
-        raise
+    for attempt in range(2):
+        try:
+            raw = fs.cat_file(target)
+        except FileNotFoundError:
+            raw = None
+        if raw is not None:
+            if attempt == 0 and _stale(raw):
+                fs.rm_file(target)
+                continue
+            raise _locked(path, raw)
+        try:
+            fs.pipe_file(target, blob, mode="create")
+        except FileExistsError:
+            raise _locked(path, b"") from None
+        return
 
 
 # ---------------------------------------------------------------------------
