@@ -16,7 +16,7 @@ from kd_flax import config_base
 
 
 def get_config(arg=None):
-    args = config_base.parse_arg(arg)
+    args = config_base.parse_arg(arg, ("tiny", "mesh", "data", "teacher"), recipe="configs/bart_dqbart.py")
     tiny = "tiny" in args
     c = config_base.base_config()
     c.name = "bart_dqbart" + ("_tiny" if tiny else "")

@@ -16,7 +16,7 @@ from kd_flax import config_base
 
 
 def get_config(arg=None):
-    args = config_base.parse_arg(arg)
+    args = config_base.parse_arg(arg, ("tiny", "mesh"), recipe="configs/demo_cpu.py")
     tiny = "tiny" in args
     c = config_base.base_config()
     c.name = "demo_cpu" + ("_tiny" if tiny else "")

@@ -12,7 +12,7 @@ from kd_flax import config_base
 
 
 def get_config(arg=None):
-    args = config_base.parse_arg(arg)
+    args = config_base.parse_arg(arg, ("tiny", "mesh", "data", "teacher"), recipe="configs/marian_enro.py")
     tiny = "tiny" in args
     c = config_base.base_config()
     c.name = "marian_enro" + ("_tiny" if tiny else "")

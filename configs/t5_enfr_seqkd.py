@@ -18,7 +18,7 @@ from kd_flax import config_base
 
 
 def get_config(arg=None):
-    args = config_base.parse_arg(arg)
+    args = config_base.parse_arg(arg, ("tiny", "mesh", "data", "teacher", "student"), recipe="configs/t5_enfr_seqkd.py")
     tiny = "tiny" in args
     c = config_base.base_config()
     c.name = "t5_enfr_seqkd" + ("_tiny" if tiny else "")

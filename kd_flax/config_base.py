@@ -212,8 +212,11 @@ def _deep_update(dst: dict, src: dict) -> dict:
     return dst
 
 
-def parse_arg(arg: str | None) -> dict[str, str]:
-    """Parse a recipe argument `tiny,mesh=tpu_v4_8` into `{"tiny": "", "mesh": "tpu_v4_8"}`."""
+def parse_arg(arg: str | None, allowed=None, *, recipe: str = "the recipe") -> dict[str, str]:
+    """Parse a recipe argument `tiny,mesh=tpu_v4_8` into `{"tiny": "", "mesh": "tpu_v4_8"}`.
+
+    `allowed`: the argument names the recipe knows; any other (a typo such as `tinyy`, which
+    would otherwise silently build the full-size config) is a `ConfigError` listing them."""
     out: dict[str, str] = {}
     for part in (arg or "").split(","):
         part = part.strip()
@@ -221,6 +224,11 @@ def parse_arg(arg: str | None) -> dict[str, str]:
             continue
         k, _, v = part.partition("=")
         out[k.strip()] = v.strip()
+    if allowed is not None:
+        unknown = [k for k in out if k not in allowed]
+        if unknown:
+            raise ConfigError(f"{recipe}: unknown argument(s) {', '.join(unknown)}; "
+                              f"allowed: {', '.join(allowed)}")
     return out
 
 
@@ -284,7 +292,7 @@ RANGES = {
     "generate.top_p": (0, 1, False, True),
     "generate.batch_size": (1, None, True, True),
     "generate.shard_size": (1, None, True, True),
-    "data.max_source_length": (1, None, True, True),
+    "data.max_source_length": (2, None, True, True),  # a source token and EOS
     "data.max_target_length": (1, None, True, True),
     "evaluate.num_beams": (1, None, True, True),
     "evaluate.batch_size": (1, None, True, True),
@@ -443,6 +451,10 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
     axes = cfg["mesh"]["axes"]
     if not isinstance(axes, dict) or not all(isinstance(v, int) for v in axes.values()):
         problems.append(f"mesh.axes: expected a dict of axis name → int size (-1 = the rest), got {axes!r}")
+    bb = cfg["data"]["bucket_boundaries"]
+    if not isinstance(bb, (list, tuple)) or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1
+                                                     for b in bb):
+        problems.append(f"data.bucket_boundaries: {bb!r} is not allowed; allowed: a tuple of ints >= 1")
     if cfg["teacher"]["init"] == "pretrained" and not cfg["teacher"]["path"]:
         problems.append("teacher.path: required when teacher.init='pretrained' (an HF checkpoint dir)")
     if cfg["teacher"]["init"] == "scratch" and cfg["finetune"]["steps"] <= 0:

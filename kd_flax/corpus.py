@@ -193,6 +193,32 @@ def read_corpus(spec, *, src_lang: str | None = None, tgt_lang: str | None = Non
     return examples
 
 
+def corpus_files(spec, *, src_lang: str | None = None, tgt_lang: str | None = None) -> list[str]:
+    """The files `read_corpus(spec)` reads, for content digests (a stage records what it read).
+
+    ``hf:`` hub names and in-memory datasets have no files here (their identity is the spec);
+    a local ``hf:`` data file or directory is listed. Files that do not exist are listed too
+    (digesting them reports the missing one)."""
+    out: list[str] = []
+    for s in (list(spec) if isinstance(spec, (list, tuple)) else [spec]):
+        if not isinstance(s, (str, os.PathLike)) or not s:
+            continue
+        s = os.fspath(s)
+        if s.startswith("hf:"):
+            name = s[3:].split("@", 1)[0]
+            if io_utils.exists(name):
+                out.append(name)
+        elif s.startswith("synthetic:"):
+            continue  # materialised by kd_flax.main.prepare into a file before any stage reads it
+        elif "{lang}" in s:
+            out += [s.replace("{lang}", lang or "") for lang in (src_lang, tgt_lang)]
+        elif "+" in s and not io_utils.exists(s):
+            out += s.split("+")
+        else:
+            out.append(s)
+    return out
+
+
 def _spec_name(spec) -> str:
     return spec if isinstance(spec, str) else type(spec).__name__
 
@@ -348,11 +374,13 @@ def _read_pair(src_path, ref_path, sink):
     sentinel = object()
     pairs = itertools.zip_longest(io_utils.iter_lines_bytes(src_path),
                                   io_utils.iter_lines_bytes(ref_path), fillvalue=sentinel)
+    shorter_len = None  # lines of the shorter file: the index of the first unpaired line
     for i, (a, b) in enumerate(pairs):
         src = ref = None
         if a is sentinel or b is sentinel:
             longer, shorter = (src_path, ref_path) if b is sentinel else (ref_path, src_path)
-            sink.bad(longer, i + 1, "length_mismatch", f"{shorter} has only {i} lines")
+            shorter_len = i if shorter_len is None else shorter_len
+            sink.bad(longer, i + 1, "length_mismatch", f"{shorter} has only {shorter_len} lines")
         else:
             a_text, b_text = _decode(a, src_path, i + 1, sink), None
             if a_text is not None:

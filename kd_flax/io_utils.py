@@ -160,14 +160,22 @@ class _OwningGzipFile(gzip.GzipFile):
 
 
 def iter_lines_bytes(path) -> Iterator[bytes]:
-    """Yields the raw lines of a (possibly gzipped) file without their line terminator."""
+    """Yields the raw lines of a (possibly gzipped) file without their line terminator.
+    A truncated or non-gzip ``.gz`` file raises ``ValueError`` naming it."""
+    import zlib
     with open_path(path, "rb") as f:
-        for line in f:
-            if line.endswith(b"\n"):
-                line = line[:-1]
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            yield line
+        try:
+            for line in f:
+                if line.endswith(b"\n"):
+                    line = line[:-1]
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                yield line
+        except EOFError:
+            raise ValueError(f"{path}: truncated gzip file (it ends before the end of its "
+                             f"compressed stream); restore or re-download it") from None
+        except (gzip.BadGzipFile, zlib.error) as e:
+            raise ValueError(f"{path}: not a valid gzip file ({e})") from None
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -187,11 +195,13 @@ def atomic_write_bytes(path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, os.fspath(p))
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and not e.filename:  # ENOSPC, EIO...: name the file written
+            raise OSError(e.errno, e.strerror or str(e), os.fspath(p)) from None
         raise
 
 

@@ -11,7 +11,7 @@ is skipped; a stage whose config changed is refused with the changed keys named 
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import sys
 import time
@@ -35,6 +35,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this proc
 
 
 StageRefused = workdir_lib.StageRefused
+Preempted = workdir_lib.Preempted
 
 
 # ---------------------------------------------------------------------------
@@ -63,35 +64,137 @@ _UPSTREAM = {"finetune": (), "generate": ("finetune",), "distill": ("generate",)
              "evaluate": ("finetune", "distill"), "export": ("distill",)}
 
 
-def stage_record(stage: str, cfg: dict, hashes: dict[str, str]) -> dict:
+def stage_record(stage: str, cfg: dict, hashes: dict[str, str], inputs: dict[str, str] | None = None) -> dict:
     return workdir_lib.new_record(stage, _stage_keys(stage, cfg),
-                                  {u: hashes[u] for u in _UPSTREAM[stage] if u in hashes})
+                                  {u: hashes[u] for u in _UPSTREAM[stage] if u in hashes}, inputs)
+
+
+def stage_inputs(stage: str, config, wd: Workdir, *, write_cache: bool = True) -> dict[str, str]:
+    """Content digests of the files `stage` reads, by role: the teacher's weights and
+    tokenizer, the corpus files, a pretrained student. An input that does not exist yet is
+    left out (the stage itself then fails naming it); an unfinished finetune is refused."""
+    d, out = config.data, {}
+
+    def digest(role, path):
+        if path and io_utils.exists(path):
+            out[role] = wd.digest(path, write_cache=write_cache)
+
+    def corpus(role, spec):
+        h = wd.corpus_digest(spec, src_lang=d.get("src_lang") or None, tgt_lang=d.get("tgt_lang") or None,
+                             write_cache=write_cache)
+        if h:
+            out[role] = h
+
+    def teacher(tokenizer):
+        try:
+            t_dir = wd.teacher_dir(config)
+        except StageRefused:
+            raise
+        except ValueError:
+            return  # no teacher yet: the stage fails naming teacher.path
+        digest("teacher", t_dir)
+        tok = tokenizer(t_dir)
+        if tok and os.fspath(tok) != os.fspath(t_dir):
+            digest("tokenizer", tok)
+
+    if stage == "finetune":
+        if config.teacher.init != "scratch":
+            digest("teacher", config.teacher.path)
+        if (config.teacher.tokenizer or None) != (config.teacher.path or None):
+            digest("tokenizer", config.teacher.tokenizer)
+        corpus("data.train", d.train)
+        corpus("data.dev", d.dev)
+    elif stage == "generate":
+        teacher(lambda t: config.teacher.get("tokenizer") or t)  # what pseudo_labels.run reads
+        corpus("data.train", d.train)
+    elif stage == "distill":
+        teacher(lambda t: wd.teacher_tokenizer_dir(config))
+        if any(dict(st).get("targets") == "gold" for st in config.distill.stages):
+            corpus("data.train", d.train)
+        corpus("data.dev", d.dev)
+        if config.student.init == "pretrained":
+            digest("student", config.student.path)
+    elif stage == "evaluate":
+        for i, spec in enumerate(d.test if isinstance(d.test, (list, tuple)) else [d.test]):
+            corpus(f"data.test[{i}]", spec)
+        if "teacher" in config.evaluate.models:
+            teacher(lambda t: wd.teacher_tokenizer_dir(config))
+    return out
 
 
 def _portable(cfg: dict, root: str) -> dict:
-    """The config with the workdir written as $WORKDIR, so files that `prepare` put inside the
-    workdir (synthetic data, a trained tokenizer) do not make the hash depend on where it is."""
-    return json.loads(json.dumps(cfg, default=str).replace(json.dumps(root)[1:-1], "$WORKDIR"))
+    """The config with the workdir written as $WORKDIR (`Workdir.portable`)."""
+    return Workdir(root).portable(cfg)
+
+
+def _check_upstream_finished(stage: str, wd: Workdir) -> None:
+    """A stage consumes only finished upstream stages (an unfinished one's outputs are partial)."""
+    for u in _UPSTREAM[stage]:
+        rec = wd.record(u)
+        if rec is not None and rec.get("status") != "done":
+            raise StageRefused(
+                f"stage {stage!r} reads the {u} stage, which is not finished "
+                f"({io_utils.join(wd.stage_dir(u), workdir_lib.RECORD)}: status {rec.get('status')!r}); "
+                f"run {u} to the end first (same command, or `pipeline`)")
+
+
+def _produced_nothing(directory) -> bool:
+    """True when a stage's directory holds no output: only its record, the teacher job's
+    manifest, TensorBoard logs, hidden temp files."""
+    p = io_utils.as_path(directory)
+    if not p.exists():
+        return True
+    stack = [p]
+    while stack:
+        d = stack.pop()
+        for f in d.iterdir():
+            if f.name.startswith(".") or f.name in (workdir_lib.RECORD, "manifest.json", "tb"):
+                continue
+            if f.is_dir():
+                stack.append(f)
+            else:
+                return False
+    return True
+
+
+def _outputs_gone(stage: str, directory) -> bool:
+    """A finished stage some of whose outputs were deleted since (it is run again, to redo them)."""
+    if stage == "generate":
+        from kd_flax import pseudo_labels
+        return bool(pseudo_labels.missing_shards(directory))
+    return False
 
 
 def run_stage(stage: str, fn: Callable[[Any, Workdir], Any], config, workdir, hashes: dict[str, str],
               *, force: bool = False, is_writer: bool = True) -> str:
     """Run one stage with skip / refuse / resume bookkeeping; returns its config hash.
 
-    `workdir`: a `Workdir` (a variant's view for the student stages) or a path."""
+    `workdir`: a `Workdir` (a variant's view for the student stages) or a path. The record
+    holds the stage's config keys, its upstream records' hashes and the content digests of
+    what it reads (`stage_inputs`); `force` also reaches a stage function that takes it (the
+    teacher job). A stage that fails having produced nothing leaves no record behind."""
+    import inspect
     wd = Workdir.of(workdir)
     directory = wd.stage_dir(stage)
-    rec = stage_record(stage, _portable(config.to_dict(), wd.root), hashes)
+    _check_upstream_finished(stage, wd)
+    rec = stage_record(stage, wd.portable(config.to_dict()), hashes,
+                       stage_inputs(stage, config, wd, write_cache=is_writer))
     old = workdir_lib.check_record(workdir_lib.read_record(directory), rec, directory, force=force,
                                    remove=(lambda: io_utils.rmtree(directory)) if is_writer else (lambda: None))
     hashes[stage] = rec["config_hash"]
-    if old is not None and old.get("status") == "done":
+    if old is not None and old.get("status") == "done" and not _outputs_gone(stage, directory):
         logging.info("stage %s: done already (config %s), skipped", stage, rec["config_hash"])
         return rec["config_hash"]
     if is_writer:
         workdir_lib.write_record(directory, dict(rec, status="running", started=time.time()))
     t0 = time.time()
-    result = fn(config, wd)
+    kw = {"force": force} if "force" in inspect.signature(fn).parameters else {}
+    try:
+        result = fn(config, wd, **kw)
+    except BaseException:
+        if is_writer and _produced_nothing(directory):
+            io_utils.rmtree(directory)  # nothing to resume: no record binds the next run
+        raise
     _sync(f"stage-{stage}-done")
     if is_writer:
         workdir_lib.write_record(directory, dict(rec, status="done", seconds=round(time.time() - t0, 1),
@@ -166,7 +269,7 @@ def prepare(config, workdir, *, is_writer: bool = True) -> None:
         config.data.test = [data_file(t) for t in config.data.test]
         if config.teacher.init == "scratch" and not config.teacher.tokenizer:
             tok_dir = wd.tokenizer_dir
-            if is_writer and not io_utils.exists(io_utils.join(tok_dir, "tokenizer.json")):
+            if is_writer and not _tokenizer_complete(tok_dir):
                 from kd_flax import corpus as corpus_lib
                 from kd_flax.models import train_tokenizer
                 texts = []
@@ -182,6 +285,20 @@ def prepare(config, workdir, *, is_writer: bool = True) -> None:
                                 kind=config.teacher.tokenizer_kind, style=style)
             config.teacher.tokenizer = tok_dir
     _sync("prepare-done")
+
+
+def _tokenizer_complete(tok_dir) -> bool:
+    """A tokenizer `prepare` saved in full (`save_tokenizer` writes tokenizer.json last) and
+    whose tokenizer.json parses; a half-written one is trained again."""
+    path = io_utils.join(tok_dir, "tokenizer.json")
+    if not io_utils.exists(path):
+        return False
+    try:
+        io_utils.read_json(path)
+    except ValueError:
+        logging.warning("%s is damaged; training the tokenizer again", path)
+        return False
+    return True
 
 
 def _synthetic_name(spec: str) -> str:
@@ -201,13 +318,26 @@ def run(stage: str, config, workdir, *, force: bool = False, variants: list[str]
             f"--variants: {', '.join(unknown)} not in the config; allowed: {', '.join(n for n in vconfigs if n)}"
             if any(vconfigs) else f"--variants: {', '.join(unknown)}: the config defines no variants")
     is_writer = jax.process_index() == 0
+    with (wd.lock() if is_writer else _no_lock()):
+        if is_writer:
+            for path in wd.clean_temps():
+                logging.info("removed %s (left by an interrupted run)", path)
+        return _run_locked(stage, config, wd, force=force, variants=variants, is_writer=is_writer)
+
+
+@contextlib.contextmanager
+def _no_lock():
+    yield None
+
+
+def _run_locked(stage: str, config, wd: Workdir, *, force: bool, variants, is_writer: bool) -> dict:
     prepare(config, wd, is_writer=is_writer)
     hashes: dict[str, str] = {}
     wanted = STAGES if stage == "pipeline" else (stage,)
     # Upstream hashes come from the stage records already in the workdir.
     for s in STAGES:
         old = wd.record(s)
-        if old and s not in wanted:
+        if old and s not in wanted and old.get("status") == "done":
             hashes[s] = old["config_hash"]
     results: dict[str, str] = {}
     for s in wanted:
@@ -236,7 +366,7 @@ def run(stage: str, config, workdir, *, force: bool = False, variants: list[str]
             vhashes = dict(hashes)
             for s in STUDENT_STAGES:
                 old = vwd.record(s)
-                if old and s not in student_stages:
+                if old and s not in student_stages and old.get("status") == "done":
                     vhashes[s] = old["config_hash"]
             for s in student_stages:
                 key = f"{name}/{s}" if name else s
@@ -245,6 +375,16 @@ def run(stage: str, config, workdir, *, force: bool = False, variants: list[str]
         from kd_flax import report
         report.write_report(config, wd)
     return results
+
+
+def error_line(e: BaseException) -> str:
+    """The CLI's message for a failed run: ``error: ...`` naming the file or key. An
+    ``OSError`` (read-only or not-a-directory workdir, disk full) is named by its file."""
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) or \
+            (isinstance(e, FileNotFoundError) and e.filename):
+        where = e.filename or ""
+        return f"error: {where}{': ' if where else ''}{e.strerror or e}"
+    return f"error: {e}"
 
 
 def _maybe_init_distributed() -> None:
@@ -274,8 +414,11 @@ def main(argv: list[str]) -> None:
     _maybe_init_distributed()
     try:
         results = run(argv[1], _CONFIG.value, _WORKDIR.value, force=_FORCE.value, variants=_VARIANTS.value)
-    except (config_base.ConfigError, StageRefused, ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    except Preempted as e:
+        sys.stderr.write(f"{e}: preempted, re-run to resume\n")
+        sys.exit(143)  # 128 + SIGTERM: a scheduler must not take this for success
+    except (ValueError, OSError) as e:  # ConfigError, StageRefused, FileNotFoundError too
+        sys.exit(error_line(e))
     logging.info("finished: %s", results)
 
 

@@ -278,8 +278,13 @@ def run(config, workdir, *, force: bool = False, generate_fn: Callable | None = 
     out_dir = io_utils.makedirs(wd.pseudo_label_dir)
     t_path = wd.teacher_dir(config)
     tok_path = _get(config.teacher, "tokenizer") or t_path
-    settings = job_settings(config, t_path, tok_path, pc, checksum_cache=wd.checksum_cache, write_cache=pi == 0)
-    record = workdir_lib.new_record("generate", settings)
+    # Path-independent: files inside the workdir as $WORKDIR, the corpus by its content.
+    settings = wd.portable(job_settings(config, t_path, tok_path, pc, checksum_cache=wd.checksum_cache,
+                                        write_cache=pi == 0))
+    corpus_digest = wd.corpus_digest(config.data.train, src_lang=_get(config.data, "src_lang") or None,
+                                     tgt_lang=_get(config.data, "tgt_lang") or None, write_cache=pi == 0)
+    record = workdir_lib.new_record("generate", settings,
+                                    inputs={"data.train": corpus_digest} if corpus_digest else None)
     config_hash = record["config_hash"]
 
     def empty_out_dir():
@@ -293,8 +298,12 @@ def run(config, workdir, *, force: bool = False, generate_fn: Callable | None = 
     except workdir_lib.StageRefused as e:
         raise GenerateError(f"{out_dir} holds pseudo-labels made with other settings: {e}") from None
     if old is not None and old.get("status") == "done":
-        log.info("generate: %s is done already (config %s), skipped", out_dir, config_hash[:12])
-        return old
+        missing = missing_shards(out_dir)
+        if not missing:
+            log.info("generate: %s is done already (config %s), skipped", out_dir, config_hash[:12])
+            return old
+        log.warning("generate: %s is done but %d shards are gone (%s ...); redoing them",
+                    out_dir, len(missing), missing[0])
 
     g, d = config.generate, config.data
     corpus = corpus_lib.read_corpus(d.train, src_lang=_get(d, "src_lang") or None,
@@ -302,6 +311,9 @@ def run(config, workdir, *, force: bool = False, generate_fn: Callable | None = 
     report = corpus.report
     limit = int(_get(d, "max_train_examples") or 0)
     examples = list(corpus[:limit] if limit > 0 else corpus)
+    if not examples:
+        raise GenerateError(f"data.train: {d.train} has no valid lines ({report.summary()}); "
+                            f"nothing to generate")
     needs_ref = g.select != "best" or bool(_get(g.filters, "min_ref_chrf"))
     if needs_ref and any(ex.ref is None for ex in examples):
         raise GenerateError(f"generate.select={g.select!r} / generate.filters.min_ref_chrf need a "
@@ -493,6 +505,14 @@ def output_dir(workdir_or_dir) -> str:
     return os.fspath(p / OUT_SUBDIR)
 
 
+def missing_shards(out_dir) -> list[str]:
+    """Shards a manifest lists whose part file is gone ([] without a manifest)."""
+    manifest = _read_manifest(out_dir)
+    if manifest is None:
+        return []
+    return [n for n in manifest.get("shards", []) if not io_utils.exists(io_utils.join(out_dir, n + ".jsonl"))]
+
+
 def load_pseudo_labels(workdir_or_dir, *, with_nbest: bool = False) -> list[corpus_lib.Example]:
     """The kept pseudo-labels of a finished job, sorted by id.
 
@@ -511,8 +531,16 @@ def load_pseudo_labels(workdir_or_dir, *, with_nbest: bool = False) -> list[corp
     for name in manifest["shards"]:
         path = io_utils.join(out, name + ".jsonl")
         if not io_utils.exists(path):
-            raise ValueError(f"load_pseudo_labels: shard {path} listed in the manifest is missing")
-        for rec in io_utils.read_jsonl(path):
+            raise ValueError(f"load_pseudo_labels: shard {path} listed in the manifest is missing; "
+                             f"run the generate stage again to redo it")
+        recs = io_utils.read_jsonl(path)
+        stats_path = io_utils.join(out, name + ".stats.json")
+        kept = io_utils.read_json(stats_path).get("kept") if io_utils.exists(stats_path) else None
+        if kept is not None and len(recs) != kept:
+            raise ValueError(f"load_pseudo_labels: {path} has {len(recs)} records but the job wrote "
+                             f"{kept} ({stats_path}); it was changed after generate finished: delete it "
+                             f"and run the generate stage again to redo it")
+        for rec in recs:
             if rec["id"] in seen:
                 raise ValueError(f"load_pseudo_labels: id {rec['id']} appears twice ({path})")
             seen.add(rec["id"])
@@ -520,6 +548,10 @@ def load_pseudo_labels(workdir_or_dir, *, with_nbest: bool = False) -> list[corp
             if with_nbest and "hyps" in rec:
                 ex.refs = tuple(rec["hyps"])
             examples.append(ex)
+    total = (manifest.get("counts") or {}).get("kept")
+    if total is not None and len(examples) != total:
+        raise ValueError(f"load_pseudo_labels: {out} holds {len(examples)} records, its {MANIFEST} "
+                         f"counts {total}; run the generate stage again (--force redoes it all)")
     examples.sort(key=lambda e: e.id)
     return examples
 

@@ -135,9 +135,9 @@ def _finish_model(model, tokenizer, out_dir, info=None):
         student_lib.save_layer_map(out_dir, info)
 
 
-def _exit_preempted(result):
-    if result.preempted:
-        raise SystemExit(0)  # the checkpoint is saved; a rerun resumes from it
+def _exit_preempted(result, where):
+    if result.preempted:  # the checkpoint is saved; a rerun resumes from it
+        raise workdir_lib.Preempted(f"SIGTERM: checkpoint saved in {where}")
 
 
 def _gold(config, spec):
@@ -173,7 +173,7 @@ def run_finetune(config, workdir) -> dict:
     train_ex = _tokenized(_gold(config, config.data.train), tokenizer, config)
     dev = _tokenized(_gold(config, config.data.dev), tokenizer, config)
     result = _train_stage(model, tokenizer, train_ex, dev, config, config.finetune, stage_dir)
-    _exit_preempted(result)
+    _exit_preempted(result, stage_dir)
     model = _rebuilt(model, dtype="float32")
     _finish_model(model, tokenizer, wd.trained_teacher_dir)
     return {"steps": int(config.finetune.steps), "best": result.best, "evals": result.evals}
@@ -216,6 +216,7 @@ def run_distill(config, workdir) -> dict:
     t_tok = models.load_tokenizer(wd.teacher_tokenizer_dir(config))
     teacher = models.load_pretrained(t_dir, **_train_overrides(dc))
     model, tokenizer, info = student_lib.build_student(config, teacher, t_tok, overrides=_train_overrides(dc))
+    student_lib.check_vocab(model, tokenizer)
     spec = LossSpec.from_config(dc.loss)
     student_lib.check_kd_compatible(model, teacher, word_level=spec.kd_weight > 0, hidden=spec.hidden_weight > 0,
                                     attention=spec.attention_weight > 0, info=info)
@@ -243,7 +244,7 @@ def run_distill(config, workdir) -> dict:
         if s_model is not model:  # the next stage starts from what this one trained
             nnx.update(model, nnx.state(s_model, nnx.Param))
         if not done:
-            _exit_preempted(result)
+            _exit_preempted(result, sub)
             if jax.process_index() == 0:
                 workdir_lib.write_record(sub, {"stage": f"distill/{name}", "status": "done",
                                                "result": {"steps": st["steps"], "best": result.best}})

@@ -256,6 +256,16 @@ def check_kd_compatible(student, teacher, *, word_level: bool = True, hidden: bo
                              f"set loss.attention_weight=0")
 
 
+def check_vocab(model, tokenizer) -> None:
+    """The student must have an embedding for every token its tokenizer can emit, whatever
+    the loss (SeqKD and gold training too): refused before training, naming the key."""
+    n_tok, n_emb = len(tokenizer), int(model.config.vocab_size)
+    if n_emb < n_tok:
+        raise ValueError(f"student.model.vocab_size: the student has {n_emb} token embeddings but its "
+                         f"tokenizer has {n_tok} tokens; set student.model.vocab_size=0 (the "
+                         f"tokenizer's size) or a value >= {n_tok}")
+
+
 # ---------------------------------------------------------------------------
 # Metadata next to checkpoints / in exported configs
 # ---------------------------------------------------------------------------

@@ -126,3 +126,17 @@ def test_distill_on_gcs_resumes_after_kill9(gcs, tmp_path, tiny_teacher_dir):
     assert "resumed from gs://" in r.stdout + r.stderr
     assert fs.exists(f"{BUCKET}/kill/variants/seqkd/distill/model/model.safetensors")
     assert json.loads(fs.cat(f"{BUCKET}/kill/variants/seqkd/distill/stage.json"))["status"] == "done"
+
+
+def test_gcs_workdir_lock_refuses_a_second_holder(gcs):
+    """The gs:// lock: an object created only if absent (ifGenerationMatch=0 on Cloud Storage;
+    the emulator ignores preconditions, so this checks the sequential case), released after."""
+    from kd_flax import workdir as workdir_lib
+    _, fs = gcs
+    wd = workdir_lib.Workdir(f"gs://{BUCKET}/locked")
+    with wd.lock():
+        assert fs.exists(f"{BUCKET}/locked/.lock")
+        with pytest.raises(workdir_lib.WorkdirLocked, match=f"held by pid {os.getpid()}"):
+            with workdir_lib.Workdir(f"gs://{BUCKET}/locked").lock():
+                pass
+    assert not fs.exists(f"{BUCKET}/locked/.lock")

@@ -234,9 +234,21 @@ def _safetensors_names(p) -> list[str]:
     so listing a remote file does not download it."""
     import struct
 
-    with p.open("rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
+    try:
+        size = p.stat().length if hasattr(p.stat(), "length") else p.stat().st_size
+        with p.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size - 8:
+                raise ValueError(f"header of {n} bytes in a {size}-byte file")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        if ends and 8 + n + max(ends) > size:
+            raise ValueError(f"tensors end at byte {8 + n + max(ends)}, the file has {size}")
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: not a valid safetensors file (truncated or corrupted: {e}); "
+                         f"restore or re-download it") from None
     return [k for k in header if k != "__metadata__"]
 
 

@@ -95,7 +95,10 @@ def save_tokenizer(tokenizer, path) -> None:
     with tempfile.TemporaryDirectory(prefix="kd_flax-tok-") as tmp:
         tokenizer.save_pretrained(tmp)
         io_utils.makedirs(path)
-        io_utils.copy_tree(tmp, path)
+        # tokenizer.json last: its presence marks a complete directory (a run killed midway
+        # leaves no tokenizer.json, so the next one saves again instead of trusting a half).
+        for name in sorted(os.listdir(tmp), key=lambda n: n == "tokenizer.json"):
+            io_utils.copy_tree(os.path.join(tmp, name), io_utils.join(path, name))
 
 
 def load_tokenizer(path):
@@ -106,5 +109,12 @@ def load_tokenizer(path):
 
     if not io_utils.is_dir(path):
         raise ValueError(f"load_tokenizer: {os.fspath(path)!r} is not a directory")
+    tok_json = io_utils.join(path, "tokenizer.json")
+    if io_utils.exists(tok_json):
+        io_utils.read_json(tok_json)  # a truncated file: ValueError naming it, not a parser panic
     with io_utils.local_dir(path) as local:
-        return AutoTokenizer.from_pretrained(local)
+        try:
+            return AutoTokenizer.from_pretrained(local)
+        except Exception as e:  # noqa: BLE001 - transformers/tokenizers raise many kinds
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"load_tokenizer: {os.fspath(path)}: not a loadable tokenizer ({msg})") from None
