@@ -171,7 +171,7 @@ def base_config() -> ml_collections.ConfigDict:
         "distill": dict(train_block(), stages=[{"targets": "pseudo", "steps": 1000}]),
         "evaluate": {"splits": [], "num_beams": 4, "max_new_tokens": 128, "batch_size": 32,
                      "models": ["teacher", "student"]},
-        "export": {"formats": ["hf", "int"]},
+        "export": {"formats": ["hf", "int"], "ctranslate2": ""},
         # Named variations of the student run, each a dict of dotted-key overrides
         # ("student.quant.weight_bits": 8, ...). Empty = one student named "student".
         "variants": {},
@@ -261,6 +261,8 @@ CHOICES = {
     "student.quant.granularity": ("channel", "tensor"),
     "generate.select": ("best", "bleu", "chrf"),
     "export.formats[]": ("hf", "int"),
+    "export.ctranslate2": ("", "float32", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16",
+                           "float16", "bfloat16"),
     "evaluate.models[]": ("teacher", "student"),
 }
 for _blk in ("finetune", "distill"):
