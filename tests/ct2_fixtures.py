@@ -58,13 +58,14 @@ def batch_from_texts(tok, src, tgt, start_id: int, length: int = 10):
 def train_student(model_type: str, out_dir, *, steps: int = 60, quant=None, seed: int = 0):
     """Trains a tiny `model_type` student to copy word sequences; saves it (HF dir + tokenizer)
     to `out_dir`; returns `(model, tokenizer)`. `quant`: a `student.quant`-like dict (scheme,
-    weight_bits, act_bits) to train under fake-quant."""
+    weight_bits, act_bits) to train under fake-quant (the model config's activation fields come from `quant.act_config`,
+    the weight rules from `quant.rules_for`, as a pipeline student's do)."""
     from flax import nnx
     from kd_flax import config_base, models, quant as quant_lib, train
     tok = _tokenizer(model_type)
     cfg = _config(model_type, tok)
-    if quant and quant.get("act_bits"):
-        cfg = cfg.replace(act_quant_bits=int(quant["act_bits"]))
+    if quant:
+        cfg = cfg.replace(**quant_lib.act_config(quant))
     model = models.create_model(cfg, nnx.Rngs(seed))
     rules = quant_lib.rules_for(model, quant) if quant else None
     block = config_base.base_config().distill
@@ -94,3 +95,25 @@ def zero_pad_row(model, pad_id: int) -> None:
         emb = getattr(mod, "embed_tokens", None)
         if emb is not None:
             emb.embedding[...] = emb.embedding[...].at[pad_id].set(0.0)
+
+
+def kd_flax_hyps(model, tok, src, beams):
+    """kd_flax's token ids per sentence (up to EOS), `beams`-beam search, 12 new tokens."""
+    from kd_flax.translate import Translator
+    tr = Translator(model, tok, dict(num_beams=beams, max_new_tokens=12, length_penalty=1.0), batch_size=len(src))
+    enc = tok(src, padding=True, return_tensors="np")
+    seqs, _, _ = tr(enc["input_ids"], enc["attention_mask"])
+    hyps = []
+    for s in seqs[:, 0]:
+        s = [int(x) for x in s]
+        hyps.append(s[: s.index(tok.eos_token_id)] if tok.eos_token_id in s else s)
+    return hyps
+
+
+def ct2_hyps(ct2_dir, tok, src, beams, compute_type="float32"):
+    """CTranslate2's token ids per sentence for the same search."""
+    import ctranslate2
+    tr = ctranslate2.Translator(str(ct2_dir), device="cpu", compute_type=compute_type)
+    toks = [tok.convert_ids_to_tokens(x) for x in tok(src)["input_ids"]]
+    res = tr.translate_batch(toks, beam_size=beams, max_decoding_length=12, length_penalty=1.0)
+    return [tok.convert_tokens_to_ids(r.hypotheses[0]) for r in res]

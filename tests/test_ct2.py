@@ -7,7 +7,7 @@ import pytest
 ctranslate2 = pytest.importorskip("ctranslate2")
 
 from kd_flax import export  # noqa: E402
-from tests.ct2_fixtures import corpus, train_student  # noqa: E402
+from tests.ct2_fixtures import corpus, ct2_hyps, kd_flax_hyps, train_student  # noqa: E402
 
 FAMILIES = ("t5", "bart", "marian")
 STEPS = {"t5": 60, "bart": 60, "marian": 100}
@@ -29,32 +29,13 @@ def students(tmp_path_factory):
     return out
 
 
-def _kd_flax_hyps(model, tok, src, beams):
-    from kd_flax.translate import Translator
-    tr = Translator(model, tok, dict(num_beams=beams, max_new_tokens=12, length_penalty=1.0), batch_size=len(src))
-    enc = tok(src, padding=True, return_tensors="np")
-    seqs, _, _ = tr(enc["input_ids"], enc["attention_mask"])
-    hyps = []
-    for s in seqs[:, 0]:
-        s = [int(x) for x in s]
-        hyps.append(s[: s.index(tok.eos_token_id)] if tok.eos_token_id in s else s)
-    return hyps
-
-
-def _ct2_hyps(ct2_dir, tok, src, beams, compute_type="float32"):
-    tr = ctranslate2.Translator(str(ct2_dir), device="cpu", compute_type=compute_type)
-    toks = [tok.convert_ids_to_tokens(x) for x in tok(src)["input_ids"]]
-    res = tr.translate_batch(toks, beam_size=beams, max_decoding_length=12, length_penalty=1.0)
-    return [tok.convert_tokens_to_ids(r.hypotheses[0]) for r in res]
-
-
 @pytest.mark.parametrize("family", PARITY)
 def test_float32_greedy_token_for_token(students, family):
     model, tok, d = students[family]
     src = corpus(16, 99)
-    kd = _kd_flax_hyps(model, tok, src, 1)
+    kd = kd_flax_hyps(model, tok, src, 1)
     assert any(len(h) > 2 for h in kd)  # a trained model, not EOS everywhere
-    assert _ct2_hyps(d / "ct2", tok, src, 1) == kd
+    assert ct2_hyps(d / "ct2", tok, src, 1) == kd
 
 
 @pytest.mark.parametrize("family", PARITY)
@@ -65,8 +46,8 @@ def test_float32_beam4(students, family):
     # different hypotheses. T5 is exact here; at most one sentence in 16 may differ otherwise.
     model, tok, d = students[family]
     src = corpus(16, 99)
-    kd = _kd_flax_hyps(model, tok, src, 4)
-    ct = _ct2_hyps(d / "ct2", tok, src, 4)
+    kd = kd_flax_hyps(model, tok, src, 4)
+    ct = ct2_hyps(d / "ct2", tok, src, 4)
     same = sum(a == b for a, b in zip(kd, ct))
     assert same >= (16 if family == "t5" else 15), list(zip(kd, ct))
 
