@@ -432,7 +432,7 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
             problems.append(f"distill.stages[{i}]: targets must be 'pseudo' or 'gold', steps an int ≥ 0 and "
                             f"quant a bool, got {st!r}")
     q = cfg["student"]["quant"]
-    if q["scheme"] == "ctranslate2_int8" and (q["weight_bits"], q["act_bits"], q["granularity"]) != (8, 8, "channel"):
+    if q.get("scheme") == "ctranslate2_int8" and (q["weight_bits"], q["act_bits"], q["granularity"]) != (8, 8, "channel"):
         problems.append(f"student.quant.scheme: 'ctranslate2_int8' is CTranslate2's int8 (int8 weights per "
                         f"output row, int8 activations per token): needs weight_bits=8, act_bits=8, "
                         f"granularity='channel', got weight_bits={q['weight_bits']}, act_bits={q['act_bits']}, "

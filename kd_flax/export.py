@@ -110,11 +110,55 @@ def _ct2_config_fixups(hf_dir: str) -> None:
                         f"and re-train or re-evaluate before converting.")
 
 
+def student_to_ctranslate2(model, tokenizer, out_dir, quantization: str) -> str:
+    """Saves `model` (its weights as they are: quantize them first) as an HF dir in a temporary
+    folder and converts it with :func:`to_ctranslate2` into `out_dir`."""
+    from kd_flax.models import save_pretrained
+    with tempfile.TemporaryDirectory(prefix="kd_flax-ct2-hf-") as tmp:
+        save_pretrained(model, tmp, tokenizer=tokenizer)
+        return to_ctranslate2(tmp, out_dir, quantization)
+
+
+def ct2_translate(ct2_dir, tokenizer, texts, *, num_beams: int, max_new_tokens: int, batch_size: int,
+                  max_source_length: int, source_prefix: str = "", forced_bos_token_id=None,
+                  meter=None, compute_type: str = "default") -> list[str]:
+    """`texts` translated by CTranslate2 (CPU) with kd_flax's decoding settings: the same source
+    ids (`data.encode_texts`: prefix, truncation, final EOS), beam size, `max_new_tokens`,
+    length penalty 1, batches of `batch_size` in input order; the best hypothesis decoded with
+    `skip_special_tokens`. `meter` (`metrics.SpeedMeter`) gets each batch's sentences, tokens
+    and wall time (no batch compiles: CTranslate2 has no compile step)."""
+    import time
+
+    from kd_flax.data import encode_texts
+    ct2 = import_ctranslate2("evaluate (export.ctranslate2)")
+    tr = ct2.Translator(os.fspath(ct2_dir), device="cpu", compute_type=compute_type)
+    ids, _ = encode_texts(list(texts), tokenizer, max_source_length, prefix=source_prefix or "")
+    out = []
+    for start in range(0, len(ids), batch_size):
+        chunk = [tokenizer.convert_ids_to_tokens([int(i) for i in x]) for x in ids[start:start + batch_size]]
+        prefix = (None if forced_bos_token_id is None
+                  else [tokenizer.convert_ids_to_tokens([int(forced_bos_token_id)])] * len(chunk))
+        t0 = time.perf_counter()
+        res = tr.translate_batch(chunk, target_prefix=prefix, beam_size=num_beams,
+                                 max_decoding_length=max_new_tokens, length_penalty=1.0)
+        seconds = time.perf_counter() - t0
+        hyps = [tokenizer.convert_tokens_to_ids(r.hypotheses[0]) for r in res]
+        out.extend(t.strip() for t in tokenizer.batch_decode(hyps, skip_special_tokens=True))
+        if meter is not None:
+            meter.add(len(chunk), sum(len(h) for h in hyps), seconds)
+    return out
+
+
+def ct2_quant_bits(quantization: str):
+    """Weight bits of a CTranslate2 quantization (8 for `int8*`, 16 for `int16`; None = float)."""
+    return 8 if quantization.startswith("int8") else 16 if quantization == "int16" else None
+
+
 def dir_bytes(path) -> int:
     """Bytes of every file below `path` (local or gs://)."""
     p = io_utils.as_path(path)
     if not p.is_dir():
-        return p.stat().st_size if p.exists() else 0
+        return int(p.stat().length) if p.exists() else 0  # epath's StatResult, local or gs://
     return sum(dir_bytes(c) for c in p.iterdir())
 
 

@@ -153,3 +153,45 @@ def _requantized(model, qcfg):
     from flax import nnx
     nnx.update(model, quant.quantize_params(nnx.state(model, nnx.Param), quant.rules_for(model, qcfg)))
     return model
+
+
+def test_evaluate_scores_the_ctranslate2_model(student, tmp_path):
+    """`evaluate` with `export.ctranslate2` set converts the student itself (evaluate runs before
+    export) and adds the row `student_ct2_int8`: size on disk, BLEU, chrF, sentences/s."""
+    import json
+    import shutil
+
+    import sacrebleu
+
+    from kd_flax import config_base, evaluate
+    model, tok, d = student
+    wd = tmp_path / "wd"
+    shutil.copytree(d / "hf", wd / "distill" / "model")
+    src = corpus(24, 11)
+    split = tmp_path / "test0.jsonl"
+    split.write_text("".join(json.dumps({"src": s, "ref": s}) + "\n" for s in src))
+    config = config_base.base_config()
+    config.data.test = [str(split)]
+    config.data.bucket_boundaries = (16,)
+    config.student.quant.update(CT2_Q)
+    config.export.ctranslate2 = "int8"
+    config.evaluate.update(splits=[], models=["student"], num_beams=1, max_new_tokens=12, batch_size=8)
+    res = evaluate.run(config, str(wd))
+    row = res["models"]["student_ct2_int8"]
+    out = wd / "evaluate"
+    assert row["size_mb"] * 2**20 == (out / "ct2" / "model.bin").stat().st_size
+    assert row["size_mb"] < row["parameters"] * 4 / 2**20 / 2  # int8 codes: well under float32
+    assert row["weight_bits"] == 8 and row["engine"] == "ctranslate2"
+    assert row["speed"]["sentences_per_s"] > 0
+    hyps = (out / "hyps" / "student_ct2_int8" / "test0.txt").read_text().split("\n")[: len(src)]
+    # The same sentences CTranslate2 gives for the fixture's own int8 conversion of the student.
+    direct = ct2_hyps(d / "ct2", tok, src, 1, compute_type="int8")
+    assert hyps == [tok.decode(h, skip_special_tokens=True).strip() for h in direct]
+    assert row["bleu"]["per_split"] == [pytest.approx(sacrebleu.corpus_bleu(hyps, [src]).score)]
+    assert row["chrf"]["per_split"] == [pytest.approx(sacrebleu.corpus_chrf(hyps, [src]).score)]
+    assert sum(len(h.split()) > 1 for h in hyps) >= len(hyps) // 2  # sentences, not EOS or noise tokens
+    report = (out / "report.md").read_text()
+    assert "| student_ct2_int8" in report
+    print(f"\nevaluate: student BLEU {res['models']['student']['bleu']['mean']:.1f} "
+          f"({res['models']['student']['size_mb'] * 2**20:.0f} B), student_ct2_int8 BLEU {row['bleu']['mean']:.1f} "
+          f"({row['size_mb'] * 2**20:.0f} B, {row['speed']['sentences_per_s']:.0f} sentences/s)")
