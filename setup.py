@@ -10,6 +10,7 @@ Install:
     pip install -e .             # CPU (jax's CPU wheel is the default)
     pip install -e '.[tpu]'      # Cloud TPU VM (libtpu)
     pip install -e '.[cuda]'     # NVIDIA GPU (CUDA 12 wheels)
+    pip install -e '.[deploy]'   # CTranslate2 export (export.ctranslate2)
     pip install torch==2.13.0 -e '.[test]'   # tests; torch==2.13.0 resolves to the CPU wheel
                                              # where one is offered (see docs/sections/install.md)
 """
@@ -72,7 +73,10 @@ extras_require = {
         "hypothesis>=6.100",
         "gcp-storage-emulator>=2024.8",  # the gs:// tests run the CLI against it
         "torch==2.13.0",
+        "ctranslate2==4.8.5",  # tests/test_ct2.py runs CTranslate2 itself
     ],
+    # Serving: `export.ctranslate2` converts the student with CTranslate2's own converter.
+    "deploy": ["ctranslate2>=4.8.5,<5"],
 }
 
 setup(

@@ -166,12 +166,12 @@ def base_config() -> ml_collections.ConfigDict:
             "decoder_layers": 0,
             "layer_map": {"encoder": [], "decoder": []},
             "model": {},
-            "quant": {"weight_bits": 0, "act_bits": 0, "granularity": "channel"},
+            "quant": {"weight_bits": 0, "act_bits": 0, "granularity": "channel", "scheme": "default"},
         },
         "distill": dict(train_block(), stages=[{"targets": "pseudo", "steps": 1000}]),
         "evaluate": {"splits": [], "num_beams": 4, "max_new_tokens": 128, "batch_size": 32,
                      "models": ["teacher", "student"]},
-        "export": {"formats": ["hf", "int"]},
+        "export": {"formats": ["hf", "int"], "ctranslate2": ""},
         # Named variations of the student run, each a dict of dotted-key overrides
         # ("student.quant.weight_bits": 8, ...). Empty = one student named "student".
         "variants": {},
@@ -267,8 +267,11 @@ CHOICES = {
     "student.quant.weight_bits": (0, 2, 4, 8),
     "student.quant.act_bits": (0, 8),
     "student.quant.granularity": ("channel", "tensor"),
+    "student.quant.scheme": ("default", "ctranslate2_int8"),
     "generate.select": ("best", "bleu", "chrf"),
     "export.formats[]": ("hf", "int"),
+    "export.ctranslate2": ("", "float32", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16",
+                           "float16", "bfloat16"),
     "evaluate.models[]": ("teacher", "student"),
 }
 for _blk in ("finetune", "distill"):
@@ -436,6 +439,12 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
                 or not isinstance(st.get("quant", True), bool):
             problems.append(f"distill.stages[{i}]: targets must be 'pseudo' or 'gold', steps an int ≥ 0 and "
                             f"quant a bool, got {st!r}")
+    q = cfg["student"]["quant"]
+    if q.get("scheme") == "ctranslate2_int8" and (q["weight_bits"], q["act_bits"], q["granularity"]) != (8, 8, "channel"):
+        problems.append(f"student.quant.scheme: 'ctranslate2_int8' is CTranslate2's int8 (int8 weights per "
+                        f"output row, int8 activations per token): needs weight_bits=8, act_bits=8, "
+                        f"granularity='channel', got weight_bits={q['weight_bits']}, act_bits={q['act_bits']}, "
+                        f"granularity={q['granularity']!r}")
     for blk in ("finetune", "distill"):
         loss = cfg[blk]["loss"]
         if loss["fused"] and loss["kd_weight"] > 0 and loss["kd_type"] != "kl":

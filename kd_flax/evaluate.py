@@ -172,6 +172,10 @@ def run(config, workdir, *, load_fn: Callable | None = None,
         mesh, rules = shd.mesh_from_config(config.mesh)
         load_fn = lambda p: _load(p, config, mesh, rules)  # noqa: E731
 
+    from kd_flax import export
+    ct2_quant = export.ctranslate2_setting(config) if "student" in dirs else ""
+    if ct2_quant:
+        export.import_ctranslate2()  # fail before any decoding
     data = {name: read_split(spec, config) for name, spec in splits}
     out_dir = Workdir.of(workdir).stage_dir("evaluate")
     writer = jax.process_index() == 0
@@ -194,35 +198,77 @@ def run(config, workdir, *, load_fn: Callable | None = None,
                                 batch_size=ev.batch_size, source_prefix=config.data.source_prefix,
                                 max_source_length=config.data.max_source_length,
                                 bucket_boundaries=tuple(config.data.bucket_boundaries), generate_fn=generate_fn)
-        bleu, chrf, per_split = [], [], {}
-        for sname, (sources, refs) in data.items():
-            if refs is None:
-                raise ValueError(f"data.test: split {sname!r} has sentences without a reference; "
-                                 f"evaluation needs `ref` or `refs` for every line")
-            hyps = translator.translate(sources, meter=meter)
-            streams = references_from_examples(refs)
-            b = corpus_bleu(hyps, streams, trg_lang=_sacrebleu_lang(config.data.tgt_lang))
-            c = corpus_chrf(hyps, streams)
-            bleu.append(b.score)
-            chrf.append(c.score)
-            per_split[sname] = {"bleu": b.score, "chrf": c.score, "num_refs": len(streams),
-                                "sentences": len(sources), "bleu_details": b.details}
-            if writer:
-                io_utils.atomic_write_text(os.path.join(out_dir, "hyps", mname, f"{sname}.txt"),
-                                           "".join(h + "\n" for h in hyps))
-        bs, cs = split_stats(bleu), split_stats(chrf)
-        results["models"][mname] = {
-            "path": mpath, "parameters": n_params, "size_mb": n_bytes / 2**20, "weight_bits": bits or None,
-            "bleu": {"mean": bs.mean, "std": bs.std, "per_split": bleu},
-            "chrf": {"mean": cs.mean, "std": cs.std, "per_split": chrf},
-            "splits": per_split, "speed": meter.summary(),
-            "signatures": {"bleu": b.signature, "chrf": c.signature},
-        }
+        bleu, chrf, per_split, sigs = _score(lambda src: translator.translate(src, meter=meter), data, mname,
+                                             config, out_dir if writer else None)
+        results["models"][mname] = _model_row(mpath, n_params, n_bytes, bits, bleu, chrf, per_split, meter, sigs)
+        if mname == "student" and ct2_quant:
+            _score_ct2(results, model, tokenizer, ct2_quant, data, config, out_dir, writer)
         del model, translator  # nothing else holds them: the next model gets the device memory
     if writer:
         io_utils.atomic_write_json(os.path.join(out_dir, "results.json"), _jsonable(results))
         io_utils.atomic_write_text(os.path.join(out_dir, "report.md"), report_markdown(results))
     return results
+
+
+def _score(translate: Callable, data, mname: str, config, out_dir):
+    """BLEU and chrF per split of `translate(sources) -> hyps`; the hyps are written under
+    `out_dir/hyps/<mname>/` (None: not written)."""
+    from kd_flax import io_utils
+    bleu, chrf, per_split = [], [], {}
+    b = c = None
+    for sname, (sources, refs) in data.items():
+        if refs is None:
+            raise ValueError(f"data.test: split {sname!r} has sentences without a reference; "
+                             f"evaluation needs `ref` or `refs` for every line")
+        hyps = translate(sources)
+        streams = references_from_examples(refs)
+        b = corpus_bleu(hyps, streams, trg_lang=_sacrebleu_lang(config.data.tgt_lang))
+        c = corpus_chrf(hyps, streams)
+        bleu.append(b.score)
+        chrf.append(c.score)
+        per_split[sname] = {"bleu": b.score, "chrf": c.score, "num_refs": len(streams),
+                            "sentences": len(sources), "bleu_details": b.details}
+        if out_dir is not None:
+            io_utils.atomic_write_text(os.path.join(out_dir, "hyps", mname, f"{sname}.txt"),
+                                       "".join(h + "\n" for h in hyps))
+    return bleu, chrf, per_split, {"bleu": b.signature, "chrf": c.signature}
+
+
+def _model_row(path, n_params, n_bytes, bits, bleu, chrf, per_split, meter, signatures) -> dict:
+    bs, cs = split_stats(bleu), split_stats(chrf)
+    return {"path": path, "parameters": n_params, "size_mb": n_bytes / 2**20, "weight_bits": bits or None,
+            "bleu": {"mean": bs.mean, "std": bs.std, "per_split": bleu},
+            "chrf": {"mean": cs.mean, "std": cs.std, "per_split": chrf},
+            "splits": per_split, "speed": meter.summary(), "signatures": signatures}
+
+
+def _score_ct2(results, model, tokenizer, quantization, data, config, out_dir, writer) -> None:
+    """The row `student_ct2_<quantization>`: the (weight-quantized) student converted by
+    CTranslate2 into `out_dir/ct2/` (evaluate runs before export, so it converts the student
+    itself) and decoded by CTranslate2 on CPU with the same settings as kd_flax's rows; size is
+    `model.bin` on disk."""
+    import jax
+    from kd_flax import export
+    ev = config.evaluate
+    name = f"student_ct2_{quantization}"
+    ct2_dir = os.path.join(out_dir, "ct2")
+    if writer:
+        export.student_to_ctranslate2(model, tokenizer, ct2_dir, quantization)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("kd_flax evaluate ct2")
+    meter = SpeedMeter()
+    translate = lambda src: export.ct2_translate(  # noqa: E731
+        ct2_dir, tokenizer, src, num_beams=ev.num_beams, max_new_tokens=ev.max_new_tokens,
+        batch_size=ev.batch_size, max_source_length=config.data.max_source_length,
+        source_prefix=config.data.source_prefix,
+        forced_bos_token_id=getattr(model.config, "forced_bos_token_id", None), meter=meter)
+    bleu, chrf, per_split, sigs = _score(translate, data, name, config, out_dir if writer else None)
+    row = _model_row(ct2_dir, results["models"]["student"]["parameters"],
+                     export.dir_bytes(os.path.join(ct2_dir, "model.bin")), export.ct2_quant_bits(quantization),
+                     bleu, chrf, per_split, meter, sigs)
+    row.update(engine="ctranslate2", quantization=quantization)
+    results["models"][name] = row
 
 
 def _sacrebleu_lang(lang: str) -> str:

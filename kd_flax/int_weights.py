@@ -165,7 +165,7 @@ def _dequantize_one(t: QuantizedTensor):
     q = jnp.asarray(t.int_codes()).astype(jnp.float32)
     scale = jnp.asarray(t.scale)
     zp = None if t.zero_point is None else jnp.asarray(t.zero_point).astype(jnp.float32)
-    return _from_codes(q, scale, zp).astype(t.dtype)
+    return _from_codes(q, scale, zp, t.mode).astype(t.dtype)
 
 
 def dequantize(exported: QuantizedParams, like=None):

@@ -54,7 +54,10 @@ def _stage_keys(stage: str, cfg: dict) -> dict:
     if stage == "distill":
         return {"seed": cfg["seed"], "student": cfg["student"], "distill": cfg["distill"], "data": data}
     if stage == "evaluate":
-        return {"evaluate": cfg["evaluate"], "test": data["test"]}
+        rec = {"evaluate": cfg["evaluate"], "test": data["test"]}
+        if cfg["export"].get("ctranslate2"):  # the student_ct2_* row (absent: records stay as they were)
+            rec["ctranslate2"] = cfg["export"]["ctranslate2"]
+        return rec
     if stage == "export":
         return {"export": cfg["export"], "quant": cfg["student"]["quant"]}
     raise ValueError(stage)

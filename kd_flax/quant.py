@@ -15,6 +15,17 @@ Everything here is a pure function on arrays / pytrees and is jittable:
 * ``fake_quant_activation``  what the model's Dense layers call on their input.
 * ``QuantRule`` / ``default_rules`` / ``quantize_params``  weight quantization by path regex.
 * ``rules_for``           the rules a student trains, is scored and is exported with.
+* ``act_config``          the model-config fields (``act_quant_bits``, ``act_quant_granularity``)
+                          a ``student.quant`` block asks for.
+
+Schemes (``student.quant.scheme``): ``"default"`` is the rounding above; ``"ctranslate2_int8"``
+is exactly what CTranslate2's int8 does (rule mode ``"ctranslate2"``, per-row activations):
+weights per output row with ``s = fl32(127 / max|row|)`` (1 for an all-zero row),
+``codes = rint(w * s)``, value ``codes / s`` (its converter, ``specs/model_spec.py``), for
+linear layers and embeddings; biases, norms, position tables and T5's relative-attention bias
+stay float. At run time each GEMM input is quantized per row (per token, over the last axis)
+with ``s = 127 / max|row|`` (1 when 0) and round-to-nearest-even (``cpu/kernels.cc``
+``quantize_s8_row``); the int32 product is scaled back by ``1 / s_a / s_w``.
 
 The integer weights themselves (packing, export, files) are in `kd_flax.int_weights`.
 
@@ -41,7 +52,10 @@ from kd_flax.tree_paths import path_str
 
 WEIGHT_BITS = (2, 4, 8)
 ACT_BITS = (8, None)
-MODES = ("symmetric", "asymmetric", "ternary")
+MODES = ("symmetric", "asymmetric", "ternary", "ctranslate2")
+SCHEMES = ("default", "ctranslate2_int8")
+ACT_GRANULARITIES = ("tensor", "row")
+CT2_QMAX = np.float32(127.0)
 TERNARY_THRESHOLD = 0.7  # Delta = 0.7 * mean|w| (TWN / TernaryBERT / DQ-BART)
 
 
@@ -169,6 +183,17 @@ def _asymmetric_codes(x32, bits, kept, clip):
     return q, scale, zp
 
 
+def _ct2_codes(x32, kept):
+    # CTranslate2's converter: amax per kept axes (a row), 0 -> 127, s = fl32(127 / amax),
+    # codes = rint(x * s); the value is codes / s. `scale` here is s (a multiplier), not a step.
+    amax = jnp.max(jnp.abs(x32), axis=_reduce_axes(x32.ndim, kept), keepdims=True)
+    amax = jnp.where(amax == 0, CT2_QMAX, amax)
+    amax = jnp.maximum(amax, CT2_QMAX / np.finfo(np.float32).max)
+    s = CT2_QMAX / amax
+    q = jnp.clip(jnp.round(x32 * s), -127, 127)
+    return _no_neg_zero(q), s, None
+
+
 def _ternary_codes(x32, kept):
     red = _reduce_axes(x32.ndim, kept)
     a = jnp.abs(x32)
@@ -211,10 +236,16 @@ def _codes(x, bits, axis, mode, clip=None):
         return _asymmetric_codes(x32, bits, kept, clip)
     if mode == "ternary":
         return _ternary_codes(x32, kept)
+    if mode == "ctranslate2":
+        if bits != 8:
+            raise ValueError(f"mode 'ctranslate2' is int8 only, got bits={bits!r}")
+        return _ct2_codes(x32, kept)
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-def _from_codes(q, scale, zp):
+def _from_codes(q, scale, zp, mode: str = "symmetric"):
+    if mode == "ctranslate2":  # CTranslate2 stores the multiplier s and divides by it
+        return q / scale
     return (q - zp) * scale if zp is not None else q * scale
 
 
@@ -262,13 +293,27 @@ def ternary_quant(x, *, axis=None):
     return _ste(x, (q * scale).astype(x.dtype))
 
 
-def fake_quant_activation(x, bits):
-    """Dynamic per-tensor symmetric fake-quant of an activation (a Dense layer input).
-    ``bits=None`` returns ``x`` unchanged; only 8 bits are supported otherwise."""
+def fake_quant_activation(x, bits, granularity: str = "tensor"):
+    """Dynamic symmetric fake-quant of an activation (a Dense layer input), STE gradient.
+    ``bits=None`` returns ``x`` unchanged; only 8 bits are supported otherwise.
+
+    ``granularity="tensor"``: one scale for the whole tensor (``fake_quant``).
+    ``granularity="row"``: CTranslate2's int8 GEMM input: one scale per row of the last axis
+    (per token), ``s = 127 / max|row|`` (1 for a zero row), ``rint(x * s) / s``."""
     bits = _check_act_bits(bits)
     if bits is None:
         return x
-    return fake_quant(x, bits, axis=None, symmetric=True)
+    if granularity == "tensor":
+        return fake_quant(x, bits, axis=None, symmetric=True)
+    if granularity != "row":
+        raise ValueError(f"granularity must be one of {ACT_GRANULARITIES}, got {granularity!r}")
+    _check_float(x)
+    x = jnp.asarray(x)
+    x32 = jax.lax.stop_gradient(x).astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+    s = jnp.where(amax != 0, CT2_QMAX / jnp.where(amax != 0, amax, 1.0), jnp.float32(1.0))
+    q = jnp.round(x32 * s)  # |x * s| <= 127 by construction
+    return _ste(x, (q / s).astype(x.dtype))
 
 
 # ----------------------------------------------------------------------------- LSQ / PACT
@@ -381,8 +426,8 @@ class QuantRule:
 
     ``bits``: 2, 4, 8, or ``None`` = keep this leaf in full precision (use it before a
     broader rule to exclude something). ``axis``: ``None`` (per tensor), an int or a tuple
-    of ints (per channel, see :func:`fake_quant`). ``mode``: ``symmetric``, ``asymmetric``
-    or ``ternary`` (2 bits only).
+    of ints (per channel, see :func:`fake_quant`). ``mode``: ``symmetric``, ``asymmetric``,
+    ``ternary`` (2 bits only) or ``ctranslate2`` (8 bits only: CTranslate2's own arithmetic).
     """
 
     pattern: str
@@ -401,6 +446,8 @@ class QuantRule:
             raise ValueError(f"QuantRule mode must be one of {MODES}, got {self.mode!r}")
         if self.mode == "ternary" and self.bits not in (2, None):
             raise ValueError(f"QuantRule mode 'ternary' needs bits=2, got bits={self.bits!r}")
+        if self.mode == "ctranslate2" and self.bits not in (8, None):
+            raise ValueError(f"QuantRule mode 'ctranslate2' needs bits=8, got bits={self.bits!r}")
         ax = self.axis
         ok = ax is None or (isinstance(ax, int) and not isinstance(ax, bool)) or (
             isinstance(ax, tuple) and all(isinstance(a, int) and not isinstance(a, bool) for a in ax))
@@ -418,18 +465,24 @@ _STACKED_KERNEL = r"(.*/)?layers/(?!\d+/)(.*/)?kernel"
 
 
 def default_rules(bits: int = 8, *, granularity: str = "channel",
-                  scan_layers: bool = False) -> tuple[QuantRule, ...]:
+                  scan_layers: bool = False, scheme: str = "default") -> tuple[QuantRule, ...]:
     """Rules that quantize every Dense kernel (``.../kernel``, per output channel) and the
     token embeddings (``.../embed_tokens/embedding``, one scale per token row) and leave
     everything else (norms, biases, ``embed_positions``, ``relative_attention_bias``) in
     full precision. ``bits=2`` uses ternary weights. ``granularity``: ``"channel"`` or
     ``"tensor"``. With ``scan_layers=True`` stacked kernels get one scale per layer and
-    output channel (axis ``(0, -1)``).
+    output channel (axis ``(0, -1)``). ``scheme="ctranslate2_int8"``: the same leaves, int8
+    per output row (channel) in CTranslate2's arithmetic (mode ``ctranslate2``).
     """
     bits = _check_weight_bits(bits)
     if granularity not in ("channel", "tensor"):
         raise ValueError(f"granularity must be one of ('channel', 'tensor'), got {granularity!r}")
-    mode = "ternary" if bits == 2 else "symmetric"
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if scheme == "ctranslate2_int8" and (bits != 8 or granularity != "channel"):
+        raise ValueError(f"scheme 'ctranslate2_int8' is int8 per output row: needs bits=8 and "
+                         f"granularity='channel', got bits={bits!r}, granularity={granularity!r}")
+    mode = "ctranslate2" if scheme == "ctranslate2_int8" else "ternary" if bits == 2 else "symmetric"
     per_channel = granularity == "channel"
     rules = []
     if scan_layers:
@@ -462,7 +515,7 @@ def _key_parts(key_path) -> list[tuple[str, Any]]:
 
 def rules_for(model, quant_cfg) -> tuple[QuantRule, ...] | None:
     """The weight fake-quant rules of ``model`` under a ``student.quant`` block
-    (``weight_bits``, ``granularity``): the one home of quantization rules — training, the
+    (``weight_bits``, ``granularity``, ``scheme``): the one home of quantization rules — training, the
     dev evaluation, ``evaluate`` and ``export`` all call it, so a student is scored and
     exported with the scales it was trained with. ``scan_layers`` comes from the model's own
     config (stacked kernels get one scale per layer and channel). ``None`` when weights stay
@@ -472,7 +525,21 @@ def rules_for(model, quant_cfg) -> tuple[QuantRule, ...] | None:
         return None
     scan = bool(getattr(getattr(model, "config", None), "scan_layers", False))
     return default_rules(bits, granularity=cfg_get(quant_cfg, "granularity", "channel") or "channel",
-                         scan_layers=scan)
+                         scan_layers=scan, scheme=cfg_get(quant_cfg, "scheme", "default") or "default")
+
+
+def act_config(quant_cfg) -> dict:
+    """The model-config fields a ``student.quant`` block asks for: ``{}`` when activations stay
+    float (``act_bits=0``), else ``act_quant_bits`` and ``act_quant_granularity`` (``"row"``
+    for ``scheme="ctranslate2_int8"``, ``"tensor"`` otherwise)."""
+    bits = int(cfg_get(quant_cfg, "act_bits", 0) or 0)
+    if not bits:
+        return {}
+    scheme = cfg_get(quant_cfg, "scheme", "default") or "default"
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    return {"act_quant_bits": bits,
+            "act_quant_granularity": "row" if scheme == "ctranslate2_int8" else "tensor"}
 
 
 def _find_rule(path: str, rules: Sequence[QuantRule]):
@@ -494,11 +561,22 @@ def _is_quantizable(leaf) -> bool:
     return hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.ndim >= 1
 
 
+def ct2_quant(x, *, axis=None):
+    """CTranslate2's int8 weight quantization (``rint(x * s) / s``, ``s = 127 / max|row|`` over
+    the axes not in ``axis``), STE gradient (identity)."""
+    _check_float(x)
+    x = jnp.asarray(x)
+    q, s, _ = _codes(jax.lax.stop_gradient(x), 8, axis, "ctranslate2")
+    return _ste(x, _from_codes(q, s, None, "ctranslate2").astype(x.dtype))
+
+
 def apply_rule(x, rule: QuantRule, path: str = "<leaf>"):
     """Fake-quantizes one leaf with ``rule`` (STE)."""
     try:
         if rule.mode == "ternary":
             return ternary_quant(x, axis=rule.axis)
+        if rule.mode == "ctranslate2":
+            return ct2_quant(x, axis=rule.axis)
         return fake_quant(x, rule.bits, axis=rule.axis, symmetric=rule.mode == "symmetric")
     except ValueError as e:
         raise ValueError(f"parameter {path!r} (shape {tuple(x.shape)}), rule "

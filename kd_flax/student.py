@@ -297,17 +297,16 @@ def load_layer_map(model_dir: str) -> StudentInfo | None:
 # ---------------------------------------------------------------------------
 
 # Model-config fields that change how a model runs, not what it is (safe over any checkpoint).
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "act_quant_bits")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "act_quant_bits", "act_quant_granularity")
 
 
 def build_student(config, teacher, teacher_tokenizer, *, overrides=None):
     """The student the config asks for → `(model, tokenizer, StudentInfo)`."""
-    from kd_flax import models
+    from kd_flax import models, quant
     sc = config.student
     over = dict(sc.model.to_dict() if hasattr(sc.model, "to_dict") else sc.model)
     over.update(overrides or {})
-    if int(sc.quant.get("act_bits", 0) or 0):
-        over["act_quant_bits"] = int(sc.quant.act_bits)
+    over.update(quant.act_config(sc.quant))  # act_quant_bits / act_quant_granularity
     lm = sc.layer_map.to_dict() if hasattr(sc.layer_map, "to_dict") else dict(sc.layer_map or {})
     if sc.init == "layer_copy":
         model, info = make_student(teacher, sc.encoder_layers or None, sc.decoder_layers or None,
@@ -325,7 +324,8 @@ def build_student(config, teacher, teacher_tokenizer, *, overrides=None):
     if sc.init == "scratch":
         layers = {k: v for k, v in (("encoder_layers", sc.encoder_layers), ("decoder_layers", sc.decoder_layers)) if v}
         if "model_type" in over:  # an HF-style config of any family; ids from the tokenizer
-            fields = {k: over.pop(k) for k in list(over) if k in ("dtype", "remat", "act_quant_bits")}
+            fields = {k: over.pop(k) for k in list(over) if k in ("dtype", "remat", "act_quant_bits",
+                                                                  "act_quant_granularity")}
             cfg = models.config_from_dict(over, teacher_tokenizer, **fields).replace(**layers)
         else:  # the teacher's architecture with some fields changed
             cfg = teacher.config.replace(**over, **layers)

@@ -43,14 +43,14 @@ def _kw(c: BartConfig, rngs):
 def _dense(c: BartConfig, din, dout, axes, rngs, use_bias=True):
     return layers.Dense(din, dout, use_bias=use_bias, axes=axes,
                         kernel_init=layers.normal_init(c.init_std),
-                        act_quant_bits=c.act_quant_bits, **_kw(c, rngs))
+                        **layers.act_kw(c), **_kw(c, rngs))
 
 
 def _attention(c: BartConfig, heads, rngs):
     init = layers.normal_init(c.init_std)
     return layers.MultiHeadAttention(c.d_model, heads, c.d_model // heads, use_bias=True,
                                      q_init=init, kv_init=init, out_init=init,
-                                     act_quant_bits=c.act_quant_bits, **_kw(c, rngs))
+                                     **layers.act_kw(c), **_kw(c, rngs))
 
 
 def _layer_norm(c: BartConfig, rngs):
@@ -234,7 +234,8 @@ class BartModel(layers.GenerationConfigMixin, nnx.Module):
         return w, self.final_logits_bias[...]
 
     def _logits(self, h, unembedding=None):
-        logits = layers.unembed(h, *(unembedding or self.unembedding()), dtype=self.config.dtype)
+        logits = layers.unembed(layers.head_input(h, self.config), *(unembedding or self.unembedding()),
+                                dtype=self.config.dtype)
         return sharding.constrain(logits, ("batch", "length", "vocab"))
 
     def _check_length(self, n, what):

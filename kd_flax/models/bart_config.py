@@ -77,6 +77,7 @@ class BartConfig(hf.ConfigMixin):
     dtype: str = "float32"
     param_dtype: str = "float32"
     act_quant_bits: int | None = None
+    act_quant_granularity: str = "tensor"  # "row": per-token scales (scheme ctranslate2_int8)
     remat: bool | str = False
     scan_layers: bool = False
     # Unmodelled HF config entries as sorted (key, json) pairs (hashable: the config is
@@ -95,6 +96,7 @@ class BartConfig(hf.ConfigMixin):
                 raise ValueError(f"BartConfig.{name}={heads} must divide d_model={self.d_model}")
         if self.act_quant_bits not in (None, 8):
             raise ValueError(f"BartConfig.act_quant_bits={self.act_quant_bits!r}; allowed: None, 8")
+        layers.check_act_granularity(self.act_quant_granularity, "BartConfig")
         object.__setattr__(self, "dtype", _dtype_name(self.dtype))
         object.__setattr__(self, "param_dtype", _dtype_name(self.param_dtype))
         if self.decoder_vocab_size is None:

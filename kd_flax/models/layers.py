@@ -72,31 +72,59 @@ def get_activation(name: str) -> Callable:
 class Dense(nnx.Module):
     """``y = x @ kernel + bias`` with ``kernel`` [in, out] (the transpose of torch Linear).
 
-    ``act_quant_bits`` fake-quantizes the *input* activation (dynamic per-tensor, STE) with
-    :func:`kd_flax.quant.fake_quant_activation`; weights are quantized by path rules
-    outside the model.
+    ``act_quant_bits`` fake-quantizes the *input* activation (dynamic, STE) with
+    :func:`kd_flax.quant.fake_quant_activation`, one scale per tensor
+    (``act_quant_granularity="tensor"``) or per row of the last axis (``"row"``: CTranslate2's
+    int8 GEMM input); weights are quantized by path rules outside the model.
     """
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
                  axes: Sequence[str | None] = ("embed", "mlp"), kernel_init=None,
                  dtype=jnp.float32, param_dtype=jnp.float32, act_quant_bits: int | None = None,
-                 rngs: nnx.Rngs):
+                 act_quant_granularity: str = "tensor", rngs: nnx.Rngs):
         kernel_init = kernel_init or jax.nn.initializers.lecun_normal()
         self.kernel = param(rngs.params(), kernel_init, (in_features, out_features), param_dtype, axes)
         self.bias = (param(rngs.params(), jax.nn.initializers.zeros, (out_features,), param_dtype,
                            (axes[-1],)) if use_bias else None)
         self.dtype = dtype
         self.act_quant_bits = act_quant_bits
+        self.act_quant_granularity = act_quant_granularity
 
     def __call__(self, x: Array) -> Array:
-        if self.act_quant_bits is not None:
-            # Lazy import: quant.py is an independent module and only needed when quantizing.
-            from kd_flax.quant import fake_quant_activation
-            x = fake_quant_activation(x, self.act_quant_bits)
+        x = quantize_input(x, self.act_quant_bits, self.act_quant_granularity)
         y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+def quantize_input(x: Array, bits: int | None, granularity: str = "tensor") -> Array:
+    """A GEMM input fake-quantized as the model config asks (``bits=None``: unchanged)."""
+    if bits is None:
+        return x
+    # Lazy import: quant.py is an independent module and only needed when quantizing.
+    from kd_flax.quant import fake_quant_activation
+    return fake_quant_activation(x, bits, granularity)
+
+
+def act_kw(config) -> dict:
+    """The Dense / attention keywords of a family config's activation fake-quant fields."""
+    return dict(act_quant_bits=config.act_quant_bits,
+                act_quant_granularity=getattr(config, "act_quant_granularity", "tensor"))
+
+
+def check_act_granularity(value, owner: str) -> None:
+    if value not in ("tensor", "row"):
+        raise ValueError(f"{owner}.act_quant_granularity={value!r}; allowed: ['row', 'tensor']")
+
+
+def head_input(h: Array, config) -> Array:
+    """The LM head's input: fake-quantized per row when ``act_quant_granularity="row"``
+    (CTranslate2 runs the head as an int8 GEMM too); unchanged otherwise (the default
+    scheme leaves the head's input float)."""
+    if getattr(config, "act_quant_granularity", "tensor") != "row":
+        return h
+    return quantize_input(h, config.act_quant_bits, "row")
 
 
 class Embed(nnx.Module):
@@ -202,10 +230,10 @@ class MultiHeadAttention(nnx.Module):
     def __init__(self, d_model: int, num_heads: int, head_dim: int, *, use_bias: bool,
                  qk_scale: float | None = None, q_init=None, kv_init=None, out_init=None,
                  dtype=jnp.float32, param_dtype=jnp.float32, act_quant_bits: int | None = None,
-                 rngs: nnx.Rngs):
+                 act_quant_granularity: str = "tensor", rngs: nnx.Rngs):
         inner = num_heads * head_dim
         kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                  act_quant_bits=act_quant_bits, rngs=rngs)
+                  act_quant_bits=act_quant_bits, act_quant_granularity=act_quant_granularity, rngs=rngs)
         self.q_proj = Dense(d_model, inner, axes=("embed", "heads"), kernel_init=q_init, **kw)
         self.k_proj = Dense(d_model, inner, axes=("embed", "heads"), kernel_init=kv_init, **kw)
         self.v_proj = Dense(d_model, inner, axes=("embed", "heads"), kernel_init=kv_init, **kw)

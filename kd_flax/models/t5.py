@@ -51,6 +51,7 @@ class T5Config(hf.ConfigMixin):
     dtype: Any = "float32"
     param_dtype: Any = "float32"
     act_quant_bits: int | None = None
+    act_quant_granularity: str = "tensor"    # "row": per-token scales (scheme ctranslate2_int8)
     remat: Any = False
     scan_layers: bool = False
 
@@ -62,6 +63,7 @@ class T5Config(hf.ConfigMixin):
             raise ValueError(f"T5Config.feed_forward_proj={self.feed_forward_proj!r}; allowed: "
                              "'ACT' or 'gated-ACT' (e.g. 'relu', 'gated-gelu')")
         L.get_activation(self.activation)
+        L.check_act_granularity(self.act_quant_granularity, "T5Config")
         L.remat_policy(self.remat)
         for k in ("dtype", "param_dtype"):  # canonical names keep configs comparable / JSON-able
             object.__setattr__(self, k, hf.canonical_dtype(getattr(self, k), f"T5Config.{k}"))
@@ -141,7 +143,7 @@ class T5MLP(nnx.Module):
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
         f = config.initializer_factor
-        kw = dict(use_bias=False, act_quant_bits=config.act_quant_bits, rngs=rngs, **_common(config))
+        kw = dict(use_bias=False, **L.act_kw(config), rngs=rngs, **_common(config))
         wi_init = L.normal_init(f * config.d_model ** -0.5)
         if config.is_gated:
             self.wi_0 = L.Dense(config.d_model, config.d_ff, axes=("embed", "mlp"), kernel_init=wi_init, **kw)
@@ -167,7 +169,7 @@ def _attention(config: T5Config, rngs: nnx.Rngs) -> L.MultiHeadAttention:
     return L.MultiHeadAttention(
         d, h, dk, use_bias=False, qk_scale=1.0, q_init=L.normal_init(f * (d * dk) ** -0.5),
         kv_init=L.normal_init(f * d ** -0.5), out_init=L.normal_init(f * (h * dk) ** -0.5),
-        act_quant_bits=config.act_quant_bits, rngs=rngs, **_common(config))
+        **L.act_kw(config), rngs=rngs, **_common(config))
 
 
 def _norm(config: T5Config, rngs: nnx.Rngs) -> L.RMSNorm:
@@ -258,7 +260,7 @@ class T5Model(L.GenerationConfigMixin, nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = L.Dense(config.d_model, config.vocab_size, use_bias=False, axes=("embed", "vocab"),
                                    kernel_init=L.normal_init(config.initializer_factor * config.d_model ** -0.5),
-                                   act_quant_bits=config.act_quant_bits, rngs=rngs, **c)
+                                   **L.act_kw(config), rngs=rngs, **c)
         else:
             self.lm_head = None
         self.generation_config = hf.generation_defaults(config)  # JSON text: keeps the graphdef hashable
@@ -384,7 +386,8 @@ class T5Model(L.GenerationConfigMixin, nnx.Module):
         if self.lm_head is not None:  # untied: already [D, V], and it may fake-quantize its input
             logits = self.lm_head(h).astype(jnp.float32)
         else:  # tied: the embedding, or the caller's copy of it laid out as [D, V]
-            logits = L.unembed(h, *(unembedding or self.unembedding()), dtype=self.config.dtype)
+            logits = L.unembed(L.head_input(h, self.config), *(unembedding or self.unembedding()),
+                               dtype=self.config.dtype)
         return _sharding.constrain(logits, ("batch", "length", "vocab"))
 
     def unembedding(self):
