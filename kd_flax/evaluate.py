@@ -10,6 +10,7 @@ Scores come from `kd_flax.metrics` (sacreBLEU itself), tables from `kd_flax.repo
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -198,7 +199,7 @@ def run(config, workdir, *, load_fn: Callable | None = None,
                                 batch_size=ev.batch_size, source_prefix=config.data.source_prefix,
                                 max_source_length=config.data.max_source_length,
                                 bucket_boundaries=tuple(config.data.bucket_boundaries), generate_fn=generate_fn)
-        bleu, chrf, per_split, sigs = _score(lambda src: translator.translate(src, meter=meter), data, mname,
+        bleu, chrf, per_split, sigs = _score(functools.partial(translator.translate, meter=meter), data, mname,
                                              config, out_dir if writer else None)
         results["models"][mname] = _model_row(mpath, n_params, n_bytes, bits, bleu, chrf, per_split, meter, sigs)
         if mname == "student" and ct2_quant:
