@@ -67,23 +67,32 @@ def timed(fn, runs: int) -> tuple[float, float, float]:
     return first, statistics.median(walls), statistics.median(cpus)
 
 
-def bench_ctranslate2(hf_dir: str, config, ids, args) -> dict:
-    """CTranslate2 float32 on the same checkpoint: {beams: (median wall s, median CPU s)}.
-
-    The converter wants a tokenizer; a word-level one whose token i is "t{i}" maps our ids 1:1, and
-    the source rows are passed as token strings with the EOS that T5 inputs end with.
-    """
-    import ctranslate2
+def save_id_tokenizer(hf_dir: str, vocab_size: int) -> None:
+    """Writes into `hf_dir` a word-level tokenizer whose token i is "t{i}" (0 <pad>, 1 </s>,
+    2 <unk>): it maps the random model's ids 1:1, for engines that take tokens (CTranslate2's
+    converter wants a tokenizer, its Translator token strings)."""
     import transformers as tf
     from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
 
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{f"t{i}": i for i in range(3, config.vocab_size)}}
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{f"t{i}": i for i in range(3, vocab_size)}}
     tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
                                unk_token="<unk>").save_pretrained(hf_dir)
-    out_dir = os.path.join(hf_dir, "ct2")
-    ctranslate2.converters.TransformersConverter(hf_dir).convert(out_dir, quantization=None, force=True)
+
+
+def bench_ctranslate2(hf_dir: str, config, ids, args) -> dict:
+    """CTranslate2 float32 on the same checkpoint: {beams: (median wall s, median CPU s)}.
+
+    Converted by `kd_flax.export.to_ctranslate2` after `save_id_tokenizer`; the source rows
+    are passed as token strings with the EOS that T5 inputs end with.
+    """
+    import ctranslate2
+
+    from kd_flax import export
+
+    save_id_tokenizer(hf_dir, config.vocab_size)
+    out_dir = export.to_ctranslate2(hf_dir, os.path.join(hf_dir, "ct2"), "float32")
     translator = ctranslate2.Translator(out_dir, device="cpu", compute_type="float32",
                                         intra_threads=args.threads, inter_threads=1)
     source = [[f"t{i}" for i in row] + ["</s>"] for row in ids.tolist()]
