@@ -125,11 +125,6 @@ def stage_inputs(stage: str, config, wd: Workdir, *, write_cache: bool = True) -
     return out
 
 
-def _portable(cfg: dict, root: str) -> dict:
-    """The config with the workdir written as $WORKDIR (`Workdir.portable`)."""
-    return Workdir(root).portable(cfg)
-
-
 def _check_upstream_finished(stage: str, wd: Workdir) -> None:
     """A stage consumes only finished upstream stages (an unfinished one's outputs are partial)."""
     for u in _UPSTREAM[stage]:

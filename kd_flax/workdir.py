@@ -80,7 +80,7 @@ class Workdir:
 
     def path(self, *parts: str) -> str:
         """A path below the top workdir."""
-        return os.path.join(self.root, *parts) if not self.remote else "/".join((self.root,) + parts)
+        return os.path.join(self.root, *parts)  # POSIX join: a gs:// URL joins the same way
 
     @property
     def student_root(self) -> str:
@@ -91,8 +91,7 @@ class Workdir:
         if stage in SHARED_STAGES:
             return self.path(stage, *parts)
         if stage in STUDENT_STAGES:
-            return "/".join((self.student_root, stage) + parts) if self.remote \
-                else os.path.join(self.student_root, stage, *parts)
+            return os.path.join(self.student_root, stage, *parts)
         raise ValueError(f"stage {stage!r} is unknown; allowed: {', '.join(STAGES)}")
 
     # -- what the stages read -------------------------------------------------------------
