@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from kd_flax import losses, objectives, quant, sharding
+from kd_flax import losses, objectives, on_policy, quant, sharding
 from kd_flax.config_base import cfg_choice as _choice, cfg_get as _get
 from kd_flax.objectives import LossSpec, combine
 from kd_flax.tree_paths import path_str
@@ -285,8 +285,45 @@ def make_train_step(student_graphdef, cfg, *, teacher=None, quant_rules=None, me
         (grads, loss, terms), _ = jax.lax.scan(body, init, micro)
         return loss, terms, grads
 
+    op = on_policy.OnPolicySpec.from_config(_get(cfg, "on_policy"))
+    if op.active and t_graphdef[0] is None:
+        raise ValueError("on_policy.lmbda > 0 needs teacher=... (the teacher scores the student's samples)")
+
+    def on_policy_grads(params, batch, tp, key):
+        # The student samples with its current (fake-quantized) params, no gradient through it.
+        sampler = forward_model(s_graph, jax.lax.stop_gradient(params), quant_rules)
+        seqs, lengths = on_policy.sample_targets(sampler, batch["input_ids"], batch["attention_mask"], key, op)
+        sbatch = on_policy.student_batch(batch, seqs, lengths, on_policy._cfg_ids(sampler)[2])
+        teacher_model = _merge(t_graphdef, jax.lax.stop_gradient(tp))
+
+        def f(p):
+            kd = on_policy.loss_on_samples(forward_model(s_graph, p, quant_rules), teacher_model, sbatch, op)
+            return losses.mean(kd), kd
+        (loss, kd), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return loss, kd, grads
+
     def step_fn(state: TrainState, batch, tp):
-        loss, terms, grads = grads_and_terms(state.params, batch, tp)
+        if not op.active:  # lmbda = 0: exactly the off-policy step
+            loss, terms, grads = grads_and_terms(state.params, batch, tp)
+            on_flag = jnp.zeros((), jnp.float32)
+        else:
+            key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+            is_on = on_policy.is_on_policy_step(op, state.step)
+
+            def off(params):
+                loss, terms, grads = grads_and_terms(params, batch, tp)
+                z = jnp.zeros((), jnp.float32)
+                return loss, terms, grads, (z, z)
+
+            def on(params):
+                loss, kd, grads = on_policy_grads(params, batch, tp, key)
+                z = jnp.zeros((), jnp.float32)
+                shape = jax.eval_shape(lambda p: grads_and_terms(p, batch, tp)[1], params)
+                terms = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
+                return loss, terms, grads, kd
+
+            loss, terms, grads, op_term = jax.lax.cond(is_on, on, off, state.params)
+            on_flag = is_on.astype(jnp.float32)
         gnorm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
@@ -301,6 +338,8 @@ def make_train_step(student_graphdef, cfg, *, teacher=None, quant_rules=None, me
         metrics = {k: (s, n) for k, (s, n) in terms.items()}
         metrics.update(loss=(loss, one), grad_norm=(gnorm, one),
                        nan_skipped=(1.0 - ok.astype(jnp.float32), one))
+        if op.active:
+            metrics.update(on_policy=(on_flag, one), on_policy_jsd=op_term)
         return new_state, metrics
 
     return TrainStep(step_fn, tx, mesh=mesh, rules=rules)
