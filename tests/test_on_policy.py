@@ -68,3 +68,16 @@ def test_step_choice_is_a_function_of_seed_and_step():
     spec = on_policy.OnPolicySpec(lmbda=0.5, seed=3)
     a = on_policy.on_policy_steps(spec, 40)
     assert a == on_policy.on_policy_steps(spec, 40) and 5 < sum(a) < 35
+
+
+def test_sharded_on_policy_step_matches_single_device():
+    from kd_flax import sharding
+    student, teacher, cfg = _setup()
+    cfg.on_policy = {"lmbda": 1.0, "beta": 0.5, "max_new_tokens": 6}
+    b, tp = rand_batch(1), params_of(teacher)
+    s1, m1 = T.make_train_step(student, cfg, teacher=teacher)(T.init_train_state(params_of(student), cfg), b, tp)
+    mesh, rules = sharding.make_mesh({"data": 4, "fsdp": 1, "model": 2}), sharding.DEFAULT_RULES
+    step = T.make_train_step(student, cfg, teacher=teacher, mesh=mesh, rules=rules)
+    tp_sh = jax.device_put(tp, sharding.param_shardings(tp, mesh, rules))
+    s8, m8 = step(T.init_train_state(params_of(student), cfg, mesh=mesh, rules=rules), b, tp_sh)
+    np.testing.assert_allclose(float(m8["loss"][0]), float(m1["loss"][0]), rtol=1e-4)
