@@ -382,6 +382,34 @@ def _path_exists(spec: str) -> bool:
     return all(os.path.exists(p) for p in spec.split("+"))
 
 
+def _model_key_problems(cfg: dict) -> list[str]:
+    """Unknown keys in teacher.model / student.model (HF-style keys or config fields of the family)."""
+    import dataclasses
+    import difflib
+    from kd_flax.models import hf
+    out = []
+    tmt = (cfg.get("teacher", {}).get("model") or {}).get("model_type")
+    for blk in ("teacher", "student"):
+        d = cfg.get(blk, {}).get("model") or {}
+        if not isinstance(d, dict) or not d:
+            continue
+        mt = d.get("model_type", tmt)
+        try:
+            cls = hf.get_family(mt).config_cls
+        except Exception:
+            continue  # unknown/absent model_type is reported where the model is built
+        allowed = {f.name for f in dataclasses.fields(cls)} | {"model_type", "architectures"}
+        try:
+            allowed |= set(cls.from_hf({"model_type": mt}).to_hf())
+        except Exception:
+            pass
+        for k in sorted(set(d) - allowed):
+            close = difflib.get_close_matches(k, sorted(allowed), n=3, cutoff=0.6)
+            out.append(f"{blk}.model.{k}: unknown key for model_type {mt!r}; closest valid keys: "
+                       f"{close or sorted(allowed)[:10]}")
+    return out
+
+
 def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> None:
     """Check keys, types, choices, ranges and paths; raise one ConfigError listing all problems."""
     cfg = config.to_dict()
@@ -457,6 +485,7 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
         for dotted in _flatten(ov):
             if dotted not in base and not any(dotted.startswith(f + ".") for f in FREE_FORM):
                 problems.append(f"variants.{name}: override key {dotted!r} is not a config key")
+    problems += _model_key_problems(cfg)
     axes = cfg["mesh"]["axes"]
     if not isinstance(axes, dict) or not all(isinstance(v, int) for v in axes.values()):
         problems.append(f"mesh.axes: expected a dict of axis name → int size (-1 = the rest), got {axes!r}")

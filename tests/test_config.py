@@ -212,3 +212,18 @@ def test_unknown_variant_is_refused(tmp_path):
     c = load_recipe("demo_cpu", "tiny")
     with pytest.raises(config_base.ConfigError, match=r"--variants: nosuch not in the config; allowed: gold, seqkd, seqkd_then_gold"):
         main.run("distill", c, str(tmp_path), variants=["nosuch"])
+
+
+def test_unknown_model_keys_rejected_with_closest():
+    """issue 16: `num_layer` (for `num_layers`) in teacher.model was silently dropped."""
+    import pytest
+    from kd_flax import config_base as cb
+    c = cb.base_config()
+    c.teacher.model = {"model_type": "t5", "num_layer": 1, "d_model": 64}
+    c.student.model = {"num_layers": 1, "d_modl": 32}
+    with pytest.raises(cb.ConfigError) as e:
+        cb.validate(c, check_paths=False)
+    msg = str(e.value)
+    assert "teacher.model.num_layer: unknown key" in msg and "'num_layers'" in msg
+    assert "student.model.d_modl: unknown key" in msg and "'d_model'" in msg
+    assert "num_layers:" not in msg.replace("num_layer:", "")
