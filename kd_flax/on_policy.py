@@ -84,18 +84,15 @@ def gjsd(student_logits, teacher_logits, mask, *, beta: float, temperature: floa
     return losses.generalized_jsd(student_logits, teacher_logits, mask, beta=beta, temperature=temperature)
 
 
-def _cfg_ids(model):
-    c = model.config
-    eos = getattr(c, "eos_token_id", None)
-    pad = getattr(c, "pad_token_id", 0)
-    start = getattr(c, "decoder_start_token_id", None)
-    return eos, (0 if pad is None else pad), (pad if start is None else start)
+def token_ids(model, spec: OnPolicySpec) -> decoding.GenerationSettings:
+    """The model's EOS / pad / decoder-start ids, resolved as `decoding.generate` resolves them."""
+    return decoding.resolve_settings(model, max_new_tokens=spec.max_new_tokens)
 
 
-def sample_targets(model, input_ids, attention_mask, rng, spec: OnPolicySpec):
+def sample_targets(model, input_ids, attention_mask, rng, spec: OnPolicySpec, ids=None):
     """Student samples `[B, L]` (pad after EOS) and their lengths `[B]` (EOS included).
-    Traceable; the caller passes constant (stop_gradient) params."""
-    eos, pad, start_id = _cfg_ids(model)
+    Traceable; the caller passes constant (stop_gradient) params. `ids`: `token_ids(model, spec)`."""
+    ids = token_ids(model, spec) if ids is None else ids
     if hasattr(model, "eval"):
         model.eval()
     b = input_ids.shape[0]
@@ -107,8 +104,9 @@ def sample_targets(model, input_ids, attention_mask, rng, spec: OnPolicySpec):
         logits, new_cache = model.decode(tokens, enc, attention_mask, cache=cache, unembedding=head)
         return logits[:, -1], new_cache
 
-    out = decoding.sample(tokens_to_logits, jnp.full((b,), start_id, jnp.int32), cache, rng,
-                          max_new_tokens=spec.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+    out = decoding.sample(tokens_to_logits, jnp.full((b,), ids.decoder_start_token_id, jnp.int32), cache, rng,
+                          max_new_tokens=spec.max_new_tokens, eos_token_id=ids.eos_token_id,
+                          pad_token_id=ids.pad_token_id,
                           temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p)
     return out.sequences[:, 0], out.lengths[:, 0]
 

@@ -292,8 +292,10 @@ def make_train_step(student_graphdef, cfg, *, teacher=None, quant_rules=None, me
     def on_policy_grads(params, batch, tp, key):
         # The student samples with its current (fake-quantized) params, no gradient through it.
         sampler = forward_model(s_graph, jax.lax.stop_gradient(params), quant_rules)
-        seqs, lengths = on_policy.sample_targets(sampler, batch["input_ids"], batch["attention_mask"], key, op)
-        sbatch = on_policy.student_batch(batch, seqs, lengths, on_policy._cfg_ids(sampler)[2])
+        ids = on_policy.token_ids(sampler, op)
+        seqs, lengths = on_policy.sample_targets(sampler, batch["input_ids"], batch["attention_mask"], key, op,
+                                                 ids)
+        sbatch = on_policy.student_batch(batch, seqs, lengths, ids.decoder_start_token_id)
         teacher_model = _merge(t_graphdef, jax.lax.stop_gradient(tp))
 
         def f(p):
@@ -317,7 +319,6 @@ def make_train_step(student_graphdef, cfg, *, teacher=None, quant_rules=None, me
 
             def on(params):
                 loss, kd, grads = on_policy_grads(params, batch, tp, key)
-                z = jnp.zeros((), jnp.float32)
                 shape = jax.eval_shape(lambda p: grads_and_terms(p, batch, tp)[1], params)
                 terms = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
                 return loss, terms, grads, kd
