@@ -5,7 +5,10 @@ shape (d 768, 12+12 layers, 12 heads, d_ff 3072), random weights, batch 16 × 32
 target tokens, float32. One step = teacher forward (no grad) + student forward +
 (CE + T²·KL(teacher ‖ student)) + backward + global-norm clipping + AdamW. Also the kd_flax
 step with W8A8 fake quantization (weights by `quant.rules_for(student, {"weight_bits": 8})`, activations 8-bit
-dynamic per tensor at every Dense input) and its overhead over the float step.
+dynamic per tensor at every Dense input) and its overhead over the float step. And the on-policy
+(GKD) step (`on_policy.lmbda = 1`: the student samples `tgt_len` tokens per source with its
+current params, the teacher scores them teacher-forced, generalized JSD, backward, AdamW)
+against the off-policy step, with the part of it spent sampling (the sampler jitted alone).
 
     python benchmarks/train_speed.py                 # full size (a few minutes on 2 cores)
     python benchmarks/train_speed.py --small         # a quick smoke run
@@ -61,7 +64,7 @@ def time_steps(fn, warmup: int, steps: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
-def bench_kd_flax(args, s_kw, t_kw, batch, *, w8a8: bool):
+def bench_kd_flax(args, s_kw, t_kw, batch, *, w8a8: bool, on_policy: bool = False):
     import jax
     import ml_collections
     from flax import nnx
@@ -77,9 +80,12 @@ def bench_kd_flax(args, s_kw, t_kw, batch, *, w8a8: bool):
                       "weight_decay": 0.01, "grad_clip_norm": 1.0, "b1": 0.9, "b2": 0.999},
         "loss": {"ce_weight": 1.0, "kd_weight": 1.0, "kd_type": "kl", "temperature": args.temperature},
     })
+    if on_policy:  # every step on-policy, samples as long as the off-policy targets
+        cfg.on_policy = {"lmbda": 1.0, "beta": 0.5, "max_new_tokens": args.tgt_len}
     rules = quant.rules_for(student, {"weight_bits": 8 if w8a8 else 0})
     step = train.make_train_step(student, cfg, teacher=teacher, quant_rules=rules)
     tp = nnx.state(teacher, nnx.Param)
+    sample_s = time_sampling(args, student, batch) if on_policy else None
     state = [train.init_train_state(nnx.state(student, nnx.Param), cfg)]
     del student
     dev_batch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
@@ -94,7 +100,26 @@ def bench_kd_flax(args, s_kw, t_kw, batch, *, w8a8: bool):
     # the step's work as XLA counts it, for the floor printed at the end
     cost = step._jitted.lower(state[0], dev_batch, tp).compile().cost_analysis()
     flops = (cost[0] if isinstance(cost, list) else cost).get("flops", 0.0)
-    return first, med, loss, flops
+    return first, med, loss, flops, sample_s
+
+
+def time_sampling(args, student, batch) -> float:
+    """Median seconds of the on-policy sampler alone (jitted as in the step, params constant)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from kd_flax import on_policy
+    spec = on_policy.OnPolicySpec(lmbda=1.0, max_new_tokens=args.tgt_len)
+    graphdef, params, rest = nnx.split(student, nnx.Param, ...)
+
+    @jax.jit
+    def sample(p, ids, mask, key):
+        return on_policy.sample_targets(nnx.merge(graphdef, p, rest), ids, mask, key, spec)
+
+    ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
+    key = jax.random.key(0)
+    return time_steps(lambda: jax.block_until_ready(sample(params, ids, mask, key)), args.warmup, args.steps)[1]
 
 
 def matmul_gflops(m=512, k=512, n=32128, repeats=10) -> float:
@@ -166,7 +191,7 @@ def main():
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (the first compiles)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--temperature", type=float, default=2.0)
-    p.add_argument("--skip", default="", help="comma list of: torch, float, w8a8")
+    p.add_argument("--skip", default="", help="comma list of: torch, float, w8a8, on_policy")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     s_kw, t_kw = shapes(args.small)
@@ -179,6 +204,8 @@ def main():
         rows["kd_flax float32"] = bench_kd_flax(args, s_kw, t_kw, batch, w8a8=False)
     if "w8a8" not in skip:
         rows["kd_flax W8A8 fake-quant"] = bench_kd_flax(args, s_kw, t_kw, batch, w8a8=True)
+    if "on_policy" not in skip:
+        rows["kd_flax on-policy (GKD)"] = bench_kd_flax(args, s_kw, t_kw, batch, w8a8=False, on_policy=True)
     import jax
     import torch
     print(f"\nstudent {s_kw}\nteacher {t_kw}\nbatch {args.batch} x {args.src_len}/{args.tgt_len} tokens, "
@@ -199,6 +226,11 @@ def main():
     if "kd_flax float32" in rows and "kd_flax W8A8 fake-quant" in rows:
         o = rows["kd_flax W8A8 fake-quant"][1] / rows["kd_flax float32"][1] - 1
         print(f"W8A8 fake-quant overhead: {100 * o:+.1f}% (target <= 10%)")
+    if "kd_flax float32" in rows and "kd_flax on-policy (GKD)" in rows:
+        on, off = rows["kd_flax on-policy (GKD)"][1], rows["kd_flax float32"][1]
+        samp = rows["kd_flax on-policy (GKD)"][4]
+        print(f"on-policy step / off-policy step: {on / off:.2f}x ({on:.3f} vs {off:.3f} s); sampling "
+              f"{args.tgt_len} tokens alone: {samp:.3f} s = {100 * samp / on:.0f}% of the on-policy step")
 
 
 if __name__ == "__main__":
