@@ -111,7 +111,7 @@ def train_block(**overrides) -> dict:
             "attention_weight": 0.0,
         },
     }
-    _deep_update(block, overrides)
+    deep_update(block, overrides)
     return block
 
 
@@ -168,7 +168,11 @@ def base_config() -> ml_collections.ConfigDict:
             "model": {},
             "quant": {"weight_bits": 0, "act_bits": 0, "granularity": "channel", "scheme": "default"},
         },
-        "distill": dict(train_block(), stages=[{"targets": "pseudo", "steps": 1000}]),
+        "distill": dict(train_block(), stages=[{"targets": "pseudo", "steps": 1000}],
+                        # On-policy (generalized) KD, `kd_flax.on_policy`: lmbda = 0 is off;
+                        # max_new_tokens 0 = data.max_target_length.
+                        on_policy={"lmbda": 0.0, "beta": 0.5, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                                   "max_new_tokens": 0, "loss_temperature": 1.0, "seed": 0}),
         "evaluate": {"splits": [], "num_beams": 4, "max_new_tokens": 128, "batch_size": 32,
                      "models": ["teacher", "student"]},
         "export": {"formats": ["hf", "int"], "ctranslate2": ""},
@@ -203,10 +207,11 @@ def make_tiny(c: ml_collections.ConfigDict, *, train: int = 1000, max_len: int =
     c.finetune.checkpoint_every = 0  # checkpoint only the student runs (resume is tested apart)
 
 
-def _deep_update(dst: dict, src: dict) -> dict:
+def deep_update(dst: dict, src: dict) -> dict:
+    """`dst` with nested dict `src` merged in (dicts merged key by key, other values replaced)."""
     for k, v in src.items():
         if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _deep_update(dst[k], v)
+            deep_update(dst[k], v)
         else:
             dst[k] = v
     return dst
@@ -285,6 +290,10 @@ for _blk in ("finetune", "distill"):
 # `{finetune,distill}.loss.kd_type` is checked against `objectives.KD_LOSSES` in `validate`
 # (objectives imports this module, so the table is read there, not here).
 
+# `distill.stages[i].targets`: the teacher's pseudo-labels, the gold targets, or the student's
+# own samples scored by the teacher (every step on-policy, `kd_flax.on_policy`).
+STAGE_TARGETS = ("pseudo", "gold", "student")
+
 # (low, high, low_inclusive, high_inclusive)
 RANGES = {
     "generate.num_beams": (1, None, True, True),
@@ -299,6 +308,13 @@ RANGES = {
     "data.max_target_length": (1, None, True, True),
     "evaluate.num_beams": (1, None, True, True),
     "evaluate.batch_size": (1, None, True, True),
+    "distill.on_policy.lmbda": (0, 1, True, True),
+    "distill.on_policy.beta": (0, 1, True, True),
+    "distill.on_policy.temperature": (0, None, False, True),
+    "distill.on_policy.top_k": (0, None, True, True),
+    "distill.on_policy.top_p": (0, 1, False, True),
+    "distill.on_policy.max_new_tokens": (0, None, True, True),
+    "distill.on_policy.loss_temperature": (0, None, False, True),
 }
 for _blk in ("finetune", "distill"):
     RANGES.update({
@@ -461,12 +477,12 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
         problems.append("generate.select: 'bleu'/'chrf' (SeqInter) needs generate.num_return_sequences ≥ 2")
     for i, st in enumerate(cfg["distill"]["stages"]):
         if not isinstance(st, dict) or not {"targets", "steps"} <= set(st) <= {"targets", "steps", "quant"}:
-            problems.append(f"distill.stages[{i}]: expected {{'targets': 'pseudo'|'gold', 'steps': int, "
-                            f"optional 'quant': bool}}, got {st!r}")
-        elif st["targets"] not in ("pseudo", "gold") or not isinstance(st["steps"], int) or st["steps"] < 0 \
+            problems.append(f"distill.stages[{i}]: expected {{'targets': {'|'.join(map(repr, STAGE_TARGETS))}, "
+                            f"'steps': int, optional 'quant': bool}}, got {st!r}")
+        elif st["targets"] not in STAGE_TARGETS or not isinstance(st["steps"], int) or st["steps"] < 0 \
                 or not isinstance(st.get("quant", True), bool):
-            problems.append(f"distill.stages[{i}]: targets must be 'pseudo' or 'gold', steps an int ≥ 0 and "
-                            f"quant a bool, got {st!r}")
+            problems.append(f"distill.stages[{i}]: targets must be one of {list(STAGE_TARGETS)}, steps an int "
+                            f"≥ 0 and quant a bool, got {st!r}")
     q = cfg["student"]["quant"]
     if q.get("scheme") == "ctranslate2_int8" and (q["weight_bits"], q["act_bits"], q["granularity"]) != (8, 8, "channel"):
         problems.append(f"student.quant.scheme: 'ctranslate2_int8' is CTranslate2's int8 (int8 weights per "

@@ -112,7 +112,7 @@ def stage_inputs(stage: str, config, wd: Workdir, *, write_cache: bool = True) -
         corpus("data.train", d.train)
     elif stage == "distill":
         teacher(lambda t: wd.teacher_tokenizer_dir(config))
-        if any(dict(st).get("targets") == "gold" for st in config.distill.stages):
+        if any(dict(st).get("targets") in ("gold", "student") for st in config.distill.stages):
             corpus("data.train", d.train)
         corpus("data.dev", d.dev)
         if config.student.init == "pretrained":

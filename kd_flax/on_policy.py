@@ -71,6 +71,8 @@ def is_on_policy_step(spec: OnPolicySpec, step) -> jax.Array:
 
 def on_policy_steps(spec: OnPolicySpec, n: int) -> list[bool]:
     """The choices of steps 0..n-1 (host side, for reports and tests)."""
+    if n <= 0 or not spec.active:
+        return [False] * max(n, 0)
     f = jax.jit(jax.vmap(lambda s: is_on_policy_step(spec, s)))
     return [bool(x) for x in jax.device_get(f(jnp.arange(n)))]
 

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kd_flax import sharding
+from kd_flax import on_policy, sharding
 from kd_flax import workdir as workdir_lib
-from kd_flax.config_base import cfg_get as _get
+from kd_flax.config_base import STAGE_TARGETS, cfg_get as _get
 from kd_flax.objectives import LossSpec
 from kd_flax.train import (init_train_state, load_best_params, make_eval_step, make_train_step,
                            model_batch, split_model, train, _merge)
@@ -94,14 +94,21 @@ def _evaluator(graph, tokenizer, dev, config, tcfg, *, quant_rules=None, mesh=No
     return run
 
 
-def _train_stage(model, tokenizer, train_examples, dev, config, tcfg, stage_dir, *, teacher=None,
-                 info=None, quant_rules=None, steps=None, log=print):
-    """Train `model` in place on `train_examples` with train block `tcfg`; returns (result, params)."""
+def _with(tcfg, overrides: dict):
+    """A copy of train block `tcfg` with nested `overrides` applied (`tcfg` itself if none)."""
     import ml_collections
+    from kd_flax.config_base import deep_update
+    if not overrides:
+        return tcfg
+    d = tcfg.to_dict() if hasattr(tcfg, "to_dict") else dict(tcfg)
+    deep_update(d, overrides)
+    return ml_collections.ConfigDict(d)
+
+
+def _train_stage(model, tokenizer, train_examples, dev, config, tcfg, stage_dir, *, teacher=None,
+                 info=None, quant_rules=None, log=print):
+    """Train `model` in place on `train_examples` with train block `tcfg`; returns the TrainResult."""
     mesh, rules = sharding.mesh_from_config(config.mesh)
-    if steps is not None:
-        tcfg = ml_collections.ConfigDict(tcfg.to_dict() if hasattr(tcfg, "to_dict") else dict(tcfg))
-        tcfg.steps = int(steps)
     graphdef, params, rest = split_model(model)
     graph = (graphdef, rest)
     t_params = None
@@ -218,38 +225,46 @@ def run_distill(config, workdir) -> dict:
     model, tokenizer, info = student_lib.build_student(config, teacher, t_tok, overrides=_train_overrides(dc))
     student_lib.check_vocab(model, tokenizer)
     spec = LossSpec.from_config(dc.loss)
-    student_lib.check_kd_compatible(model, teacher, word_level=spec.kd_weight > 0, hidden=spec.hidden_weight > 0,
-                                    attention=spec.attention_weight > 0, info=info)
-    if not spec.needs_teacher:
+    stages = [dict(st) for st in dc.stages]
+    # On-policy steps (lmbda > 0, or a `targets: "student"` stage) need the teacher to score
+    # the student's samples token by token.
+    op_cfg = dict(_get(dc, "on_policy", {}) or {})
+    op_cfg["max_new_tokens"] = int(op_cfg.get("max_new_tokens") or config.data.max_target_length)
+    on_policy_used = float(op_cfg.get("lmbda", 0.0)) > 0 or any(st["targets"] == "student" for st in stages)
+    student_lib.check_kd_compatible(model, teacher, word_level=spec.kd_weight > 0 or on_policy_used,
+                                    hidden=spec.hidden_weight > 0, attention=spec.attention_weight > 0, info=info)
+    if not (spec.needs_teacher or on_policy_used):
         teacher = None  # SeqKD alone: the teacher's knowledge is in the pseudo-labels
     rules = quant.rules_for(model, config.student.quant)
     dev = _tokenized(_gold(config, config.data.dev), tokenizer, config)
-    stages = list(dc.stages)
     results = []
     for i, st in enumerate(stages):
-        st = dict(st)
         name = f"{i}_{st['targets']}"
         sub = wd.stage_dir("distill", name)
         if st["targets"] == "pseudo":
             raw = pseudo_labels.load_pseudo_labels(wd.pseudo_label_dir)
-        elif st["targets"] == "gold":
+        elif st["targets"] in ("gold", "student"):  # a student stage uses the sources only
             raw = _gold(config, config.data.train)
         else:
-            raise ValueError(f"distill.stages[{i}].targets: {st['targets']!r}; allowed: pseudo, gold")
+            raise ValueError(f"distill.stages[{i}].targets: {st['targets']!r}; allowed: {list(STAGE_TARGETS)}")
+        stage_op = dict(op_cfg, lmbda=1.0) if st["targets"] == "student" else op_cfg
+        tcfg = _with(dc, {"steps": int(st["steps"]), "on_policy": stage_op})
         s_model, s_rules = stage_model(model, rules, bool(st.get("quant", True)))
         sub_record = workdir_lib.read_record(sub)
         done = sub_record is not None and sub_record.get("status") == "done"  # finished earlier: its final params
         result = _train_stage(s_model, tokenizer, _tokenized(raw, tokenizer, config), [] if done else dev, config,
-                              dc, sub, teacher=teacher, info=info, quant_rules=s_rules, steps=st["steps"])
+                              tcfg, sub, teacher=teacher, info=info, quant_rules=s_rules)
         if s_model is not model:  # the next stage starts from what this one trained
             nnx.update(model, nnx.state(s_model, nnx.Param))
+        n_on = sum(on_policy.on_policy_steps(on_policy.OnPolicySpec.from_config(stage_op), int(st["steps"])))
         if not done:
             _exit_preempted(result, sub)
             if jax.process_index() == 0:
                 workdir_lib.write_record(sub, {"stage": f"distill/{name}", "status": "done",
-                                               "result": {"steps": st["steps"], "best": result.best}})
+                                               "result": {"steps": st["steps"], "best": result.best,
+                                                          "on_policy_steps": n_on}})
         results.append({"targets": st["targets"], "steps": st["steps"], "best": result.best,
-                        "evals": result.evals})
+                        "on_policy_steps": n_on, "evals": result.evals})
     model = _rebuilt(model, dtype="float32")
     _finish_model(model, tokenizer, wd.student_dir, info=info)
     return {"stages": results, "layer_map": info.to_dict()}

@@ -230,6 +230,44 @@ class TrainStep:
             return self._jitted(state, batch, teacher_params)
 
 
+def accumulate(terms_fn, loss_fn, params, batch, accum: int):
+    """`(loss, terms, grads)` of `loss_fn(terms_fn(params, batch), None)` over the whole batch,
+    computed in `accum` strided micro-batches (one `lax.scan`) when `accum > 1`.
+
+    `terms_fn(params, batch) -> {name: (sum, count)}`; `loss_fn(terms, counts)` turns them into
+    the scalar loss, normalising by `counts` (the whole batch's) when given, so the summed
+    micro-batch losses and grads equal the full-batch ones up to float rounding.
+    """
+    if accum == 1:
+        def f(p):
+            terms = terms_fn(p, batch)
+            return loss_fn(terms, None), terms
+        (loss, terms), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return loss, terms, grads
+    b = batch["input_ids"].shape[0]
+    if b % accum:
+        raise ValueError(f"grad_accum={accum} must divide the batch size {b}")
+    # Counts depend only on the masks, so this forward is dead code XLA removes.
+    counts = {k: n for k, (_, n) in terms_fn(params, batch).items()}
+    # Strided micro-batches: each device keeps a slice of every micro-batch.
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(b // accum, accum, *x.shape[1:]), 0, 1), batch)
+
+    def body(carry, mb):
+        g_acc, l_acc, t_acc = carry
+
+        def f(p):
+            terms = terms_fn(p, mb)
+            return loss_fn(terms, counts), terms
+        (l, terms), g = jax.value_and_grad(f, has_aux=True)(params)
+        t_acc = {k: (t_acc[k][0] + terms[k][0], t_acc[k][1] + terms[k][1]) for k in terms}
+        return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, t_acc), None
+
+    zero_terms = {k: (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)) for k in counts}
+    init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), zero_terms)
+    (grads, loss, terms), _ = jax.lax.scan(body, init, micro)
+    return loss, terms, grads
+
+
 def make_train_step(student_graphdef, cfg, *, teacher=None, quant_rules=None, mesh=None, rules=None,
                     layer_map=None) -> TrainStep:
     """The jitted train step for a train block `cfg` (`loss`, `optimizer`, `grad_accum`, `steps`).
@@ -257,33 +295,7 @@ def make_train_step(student_graphdef, cfg, *, teacher=None, quant_rules=None, me
                                      layer_map=layer_map)
 
     def grads_and_terms(params, batch, tp):
-        if accum == 1:
-            def f(p):
-                terms = term_fn(p, batch, tp)
-                return combine(terms, spec), terms
-            (loss, terms), grads = jax.value_and_grad(f, has_aux=True)(params)
-            return loss, terms, grads
-        b = batch["input_ids"].shape[0]
-        if b % accum:
-            raise ValueError(f"grad_accum={accum} must divide the batch size {b}")
-        # Counts depend only on the masks, so this forward is dead code XLA removes.
-        counts = {k: n for k, (_, n) in term_fn(params, batch, tp).items()}
-        # Strided micro-batches: each device keeps a slice of every micro-batch.
-        micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(b // accum, accum, *x.shape[1:]), 0, 1), batch)
-
-        def body(carry, mb):
-            g_acc, l_acc, t_acc = carry
-            def f(p):
-                terms = term_fn(p, mb, tp)
-                return combine(terms, spec, counts), terms
-            (l, terms), g = jax.value_and_grad(f, has_aux=True)(params)
-            t_acc = {k: (t_acc[k][0] + terms[k][0], t_acc[k][1] + terms[k][1]) for k in terms}
-            return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, t_acc), None
-
-        zero_terms = {k: (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)) for k in counts}
-        init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), zero_terms)
-        (grads, loss, terms), _ = jax.lax.scan(body, init, micro)
-        return loss, terms, grads
+        return accumulate(lambda p, b: term_fn(p, b, tp), lambda t, n: combine(t, spec, n), params, batch, accum)
 
     op = on_policy.OnPolicySpec.from_config(_get(cfg, "on_policy"))
     if op.active and t_graphdef[0] is None:
@@ -298,33 +310,39 @@ def make_train_step(student_graphdef, cfg, *, teacher=None, quant_rules=None, me
         sbatch = on_policy.student_batch(batch, seqs, lengths, ids.decoder_start_token_id)
         teacher_model = _merge(t_graphdef, jax.lax.stop_gradient(tp))
 
-        def f(p):
-            kd = on_policy.loss_on_samples(forward_model(s_graph, p, quant_rules), teacher_model, sbatch, op)
-            return losses.mean(kd), kd
-        (loss, kd), grads = jax.value_and_grad(f, has_aux=True)(params)
-        return loss, kd, grads
+        def jsd_terms(p, b):
+            return {"on_policy_jsd": on_policy.loss_on_samples(forward_model(s_graph, p, quant_rules),
+                                                               teacher_model, b, op)}
+        def jsd_loss(terms, counts):
+            s, n = terms["on_policy_jsd"]
+            return losses.mean((s, n if counts is None else counts["on_policy_jsd"]))
+        loss, terms, grads = accumulate(jsd_terms, jsd_loss, params, sbatch, accum)
+        return loss, terms["on_policy_jsd"], grads
+
+    def compute_grads(params, batch, tp, step, rng):
+        """`(loss, terms, grads, on_flag, on_policy_term)` of one step (no optimizer update)."""
+        z = jnp.zeros((), jnp.float32)
+        if not op.active:  # lmbda = 0: exactly the off-policy step
+            loss, terms, grads = grads_and_terms(params, batch, tp)
+            return loss, terms, grads, z, (z, z)
+        key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
+        is_on = on_policy.is_on_policy_step(op, step)
+
+        def off(params):
+            loss, terms, grads = grads_and_terms(params, batch, tp)
+            return loss, terms, grads, (z, z)
+
+        def on(params):
+            loss, kd, grads = on_policy_grads(params, batch, tp, key)
+            shape = jax.eval_shape(lambda p: grads_and_terms(p, batch, tp)[1], params)
+            terms = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
+            return loss, terms, grads, kd
+
+        loss, terms, grads, op_term = jax.lax.cond(is_on, on, off, params)
+        return loss, terms, grads, is_on.astype(jnp.float32), op_term
 
     def step_fn(state: TrainState, batch, tp):
-        if not op.active:  # lmbda = 0: exactly the off-policy step
-            loss, terms, grads = grads_and_terms(state.params, batch, tp)
-            on_flag = jnp.zeros((), jnp.float32)
-        else:
-            key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-            is_on = on_policy.is_on_policy_step(op, state.step)
-
-            def off(params):
-                loss, terms, grads = grads_and_terms(params, batch, tp)
-                z = jnp.zeros((), jnp.float32)
-                return loss, terms, grads, (z, z)
-
-            def on(params):
-                loss, kd, grads = on_policy_grads(params, batch, tp, key)
-                shape = jax.eval_shape(lambda p: grads_and_terms(p, batch, tp)[1], params)
-                terms = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
-                return loss, terms, grads, kd
-
-            loss, terms, grads, op_term = jax.lax.cond(is_on, on, off, state.params)
-            on_flag = is_on.astype(jnp.float32)
+        loss, terms, grads, on_flag, op_term = compute_grads(state.params, batch, tp, state.step, state.rng)
         gnorm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
@@ -343,7 +361,9 @@ def make_train_step(student_graphdef, cfg, *, teacher=None, quant_rules=None, me
             metrics.update(on_policy=(on_flag, one), on_policy_jsd=op_term)
         return new_state, metrics
 
-    return TrainStep(step_fn, tx, mesh=mesh, rules=rules)
+    out = TrainStep(step_fn, tx, mesh=mesh, rules=rules)
+    out.compute_grads = compute_grads  # `(params, batch, teacher_params, step, rng)`, for tests and tools
+    return out
 
 
 def make_eval_step(student_graphdef, *, quant_rules=None):

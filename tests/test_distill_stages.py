@@ -63,3 +63,19 @@ def test_float_stage_trains_unquantized_then_the_quant_stage_quantized(tmp_path,
     assert np.abs(quant_stage["out"] - quant_stage["float"]).max() > 1e-4
     for a, b in zip(jax.tree.leaves(quant_stage["start"]), jax.tree.leaves(float_stage["end"])):
         np.testing.assert_array_equal(a, b)
+
+
+def test_seqkd_then_on_policy_stage_records_its_on_policy_steps(tmp_path, tiny_teacher_dir):
+    """`stages=[gold, student]`: the student stage trains every step on the student's own
+    samples scored by the (kept) teacher; the first stage none; both recorded in stage.json."""
+    c = load_recipe("demo_cpu", "tiny")
+    c.teacher.init, c.teacher.path, c.teacher.tokenizer = "pretrained", tiny_teacher_dir, tiny_teacher_dir
+    c.data.train = _corpus(tmp_path / "train.jsonl", 16, 1)
+    c.data.dev = _corpus(tmp_path / "dev.jsonl", 4, 2)
+    c.distill.batch_size, c.distill.checkpoint_every, c.distill.log_every = 8, 0, 1
+    c.distill.on_policy.max_new_tokens = 6
+    c.distill.stages = [{"targets": "gold", "steps": 2}, {"targets": "student", "steps": 3}]
+    out = stages.run_distill(c, str(tmp_path / "run"))
+    assert [(s["targets"], s["on_policy_steps"]) for s in out["stages"]] == [("gold", 0), ("student", 3)]
+    rec = json.load(open(tmp_path / "run" / "distill" / "1_student" / "stage.json"))
+    assert rec["result"]["on_policy_steps"] == 3 and rec["status"] == "done"

@@ -81,3 +81,70 @@ def test_sharded_on_policy_step_matches_single_device():
     tp_sh = jax.device_put(tp, sharding.param_shardings(tp, mesh, rules))
     s8, m8 = step(T.init_train_state(params_of(student), cfg, mesh=mesh, rules=rules), b, tp_sh)
     np.testing.assert_allclose(float(m8["loss"][0]), float(m1["loss"][0]), rtol=1e-4)
+
+
+def _sampled(student, cfg, batch, step=0, seed=0):
+    """The step's own samples, rebuilt outside it: the same key the step folds in."""
+    spec = on_policy.OnPolicySpec.from_config(cfg.on_policy)
+    rng = T.init_train_state(params_of(student), cfg, seed=seed).rng
+    key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
+    ids = on_policy.token_ids(student, spec)
+    seqs, lengths = jax.jit(lambda i, m: on_policy.sample_targets(student, i, m, key, spec, ids))(
+        batch["input_ids"], batch["attention_mask"])
+    return spec, rng, on_policy.student_batch(batch, seqs, lengths, ids.decoder_start_token_id)
+
+
+def test_gradients_are_those_of_the_jsd_on_fixed_samples():
+    """The step's gradient = jax.grad of the generalized JSD with the sampled tokens held
+    constant: nothing flows through sampling, and the teacher gets no gradient."""
+    student, teacher, cfg = _setup()
+    cfg.on_policy = {"lmbda": 1.0, "beta": 0.3, "max_new_tokens": 6}
+    b, tp = rand_batch(2), params_of(teacher)
+    spec, rng, sbatch = _sampled(student, cfg, {k: jnp.asarray(v) for k, v in b.items()})
+    step = T.make_train_step(student, cfg, teacher=teacher)
+    loss, _, grads, flag, _ = jax.jit(step.compute_grads)(params_of(student), b, tp, 0, rng)
+    assert float(flag) == 1.0
+
+    def ref(p, tp):
+        s = T.forward_model(T._graph(student), p)
+        t = T.forward_model(T._graph(teacher), tp)
+        return losses.mean(on_policy.loss_on_samples(s, t, sbatch, spec))
+    ref_loss, g_s = jax.value_and_grad(ref)(params_of(student), tp)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
+    for a, r in zip(jax.tree.leaves(grads), jax.tree.leaves(g_s)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-5, atol=1e-7)
+    # The teacher is constant inside the step's loss (stop_gradient): zero gradient w.r.t. it.
+    step_t = jax.grad(lambda tp: step.compute_grads(params_of(student), b, tp, 0, rng)[0])(tp)
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(step_t))
+
+
+def test_grad_accum_on_policy_equals_one_batch():
+    student, teacher, _ = _setup()
+    b, tp = rand_batch(3), params_of(teacher)
+    out = []
+    for accum in (1, 2):
+        cfg = tcfg(**{"loss.kd_weight": 1.0, "grad_accum": accum})
+        cfg.on_policy = {"lmbda": 1.0, "beta": 0.5, "max_new_tokens": 6}
+        step = T.make_train_step(student, cfg, teacher=teacher)
+        rng = T.init_train_state(params_of(student), cfg, seed=0).rng
+        out.append(jax.jit(step.compute_grads)(params_of(student), b, tp, 0, rng))
+    np.testing.assert_allclose(float(out[0][0]), float(out[1][0]), rtol=1e-5)
+    for a, r in zip(jax.tree.leaves(out[0][2]), jax.tree.leaves(out[1][2])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-6)
+
+
+def test_distill_on_policy_config_keys_are_validated():
+    import pytest
+    from kd_flax import config_base
+    from test_config import load_recipe
+    c = load_recipe("demo_cpu", "tiny")
+    c.distill.on_policy.lmbda, c.distill.on_policy.top_p = 1.5, 0.0
+    c.distill.stages = [{"targets": "pseudo", "steps": 2}, {"targets": "students", "steps": 2}]
+    with pytest.raises(config_base.ConfigError) as e:
+        config_base.validate(c, check_paths=False)
+    msg = str(e.value)
+    assert "distill.on_policy.lmbda: 1.5 out of range" in msg and "distill.on_policy.top_p" in msg
+    assert "distill.stages[1]" in msg and "'student'" in msg
+    c = load_recipe("demo_cpu", "tiny")
+    c.distill.stages = [{"targets": "pseudo", "steps": 2}, {"targets": "student", "steps": 2}]
+    config_base.validate(c, check_paths=False)
