@@ -32,11 +32,18 @@ def split_name(spec: str) -> str:
         return spec.split(":")[1]
     if spec.startswith("hf:"):
         return spec.rsplit("@", 1)[1] if "@" in spec else spec[3:].replace("/", "_")
-    name = os.path.basename(spec.split("+")[0].rstrip("/"))
-    for ext in (".gz", ".jsonl", ".json", ".tsv", ".txt"):
-        if name.endswith(ext):
-            name = name[: -len(ext)]
-    return name.replace("{lang}", "").strip(".")
+    names = []
+    for part in spec.split("+"):
+        name = os.path.basename(part.rstrip("/"))
+        for ext in (".gz", ".jsonl", ".json", ".tsv", ".txt"):
+            if name.endswith(ext):
+                name = name[: -len(ext)]
+        names.append(name.replace("{lang}", "").strip("."))
+    if len(names) == 1:
+        return names[0]
+    # A parallel-file pair (`a.en+a.fr`): the dot-separated components all parts share.
+    common = os.path.commonprefix([n.split(".") for n in names])
+    return ".".join(common) or names[0]
 
 
 def select_splits(test_specs: Sequence[str] | str, wanted: Sequence[str]) -> list[tuple[str, str]]:

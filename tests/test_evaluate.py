@@ -215,6 +215,9 @@ def test_translate_buckets_restores_order_and_counts_tokens():
 def test_split_names_and_selection():
     specs = ["synthetic:test0:60", "/d/newstest2014.en-fr.jsonl.gz", "hf:wmt14:fr-en@test", "a/b.tsv"]
     assert [evaluate.split_name(s) for s in specs] == ["test0", "newstest2014.en-fr", "test", "b"]
+    # A parallel-file pair is named by the stem its files share.
+    assert [evaluate.split_name(s) for s in ["a.en+a.fr", "/d/nt14.en-fr.en.gz+/d/nt14.en-fr.fr.gz",
+                                             "d/src.txt+d/tgt.txt"]] == ["a", "nt14.en-fr", "src"]
     assert evaluate.select_splits(specs, ["b", "test0"]) == [("b", "a/b.tsv"), ("test0", specs[0])]
     assert [n for n, _ in evaluate.select_splits(["x/t.jsonl", "y/t.jsonl"], [])] == ["t", "t_2"]
     # Materialised synthetic specs are NAME-COUNT.jsonl; the config names them NAME.
