@@ -96,6 +96,7 @@ def train_block(**overrides) -> dict:
             "grad_clip_norm": 1.0,
             "b1": 0.9,
             "b2": 0.98,
+            "decay_rate": 0.8,  # adafactor's (b1/b2 are adamw's)
         },
         "loss": {
             "ce_weight": 1.0,
@@ -309,6 +310,7 @@ for _blk in ("finetune", "distill"):
         f"{_blk}.checkpoint_every": (0, None, True, True),
         f"{_blk}.optimizer.learning_rate": (0, None, False, True),
         f"{_blk}.optimizer.warmup_steps": (0, None, True, True),
+        f"{_blk}.optimizer.decay_rate": (0, 1, False, True),
         f"{_blk}.loss.label_smoothing": (0, 1, True, False),
         f"{_blk}.loss.temperature": (0, None, False, True),
         f"{_blk}.loss.lam": (0, 1, True, True),

@@ -87,8 +87,9 @@ def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
-    """AdamW or Adafactor from a train block (`cfg.optimizer`, `cfg.steps`), with global-norm
-    clipping and weight decay masked off norms and biases."""
+    """AdamW (`b1`, `b2`) or Adafactor (`decay_rate`, optax's 0.8 by default) from a train
+    block (`cfg.optimizer`, `cfg.steps`), with global-norm clipping and weight decay masked
+    off norms and biases."""
     o = _get(cfg, "optimizer")
     if o is None:
         raise ValueError("train config: missing the 'optimizer' block")
@@ -99,7 +100,8 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
         tx = optax.adamw(sched, b1=float(_get(o, "b1", 0.9)), b2=float(_get(o, "b2", 0.999)),
                          eps=1e-8, weight_decay=wd, mask=decay_mask)
     else:
-        tx = optax.adafactor(sched, decay_rate=float(_get(o, "b2", 0.8)) if _get(o, "b2", 0) < 1 else 0.8,
+        # Adafactor's second-moment decay is `1 - t**-decay_rate`, not Adam's b2: its own key.
+        tx = optax.adafactor(sched, decay_rate=float(_get(o, "decay_rate", 0.8)),
                              weight_decay_rate=wd or None, weight_decay_mask=decay_mask)
     clip = float(_get(o, "grad_clip_norm", 0.0) or 0.0)
     return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
@@ -272,6 +273,34 @@ def test_make_optimizer_and_schedules():
     cfg = tcfg(**{"optimizer.name": "adafactor", "optimizer.b2": 0.8})
     s, m = T.make_train_step(student, cfg)(T.init_train_state(params_of(student), cfg), rand_batch(0))
     assert np.isfinite(float(m["loss"][0]))
+
+
+def test_adafactor_decay_rate_not_adam_b2():
+    """Adafactor's decay_rate is its own key (optax's 0.8 by default), not AdamW's b2 (0.98)."""
+    params = {"w": jnp.ones((4, 3)), "b": jnp.zeros((3,))}
+    grads = [jax.tree.map(lambda x, i=i: jnp.full_like(x, 0.1 * (i + 1)) + jnp.arange(x.size).reshape(x.shape) * 0.01,
+                          params) for i in range(4)]
+
+    def run(tx):
+        p, st, out = params, tx.init(params), []
+        for g in grads:
+            u, st = tx.update(g, st, p)
+            p = optax.apply_updates(p, u)
+            out.append(p)
+        return out
+
+    def close(a, b):
+        return all(np.allclose(x, y, rtol=1e-6) for pa, pb in zip(a, b)
+                   for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)))
+
+    base = {"optimizer.name": "adafactor", "optimizer.weight_decay": 0.0, "optimizer.grad_clip_norm": 0.0,
+            "optimizer.warmup_steps": 0, "optimizer.schedule": "constant"}
+    sched = T.make_schedule(tcfg(**base)["optimizer"], 10)
+    ref = run(optax.adafactor(sched, decay_rate=0.8))
+    assert close(run(T.make_optimizer(tcfg(**base))), ref)  # b2=0.98 in the block: unused
+    assert not close(run(optax.adafactor(sched, decay_rate=0.98)), ref)  # the check can tell
+    assert close(run(T.make_optimizer(tcfg(**base, **{"optimizer.decay_rate": 0.5}))),
+                 run(optax.adafactor(sched, decay_rate=0.5)))
 
 
 # ---------------------------------------------------------------------------- checkpoints
