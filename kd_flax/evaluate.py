@@ -247,7 +247,8 @@ def _model_row(path, n_params, n_bytes, bits, bleu, chrf, per_split, meter, sign
     return {"path": path, "parameters": n_params, "size_mb": n_bytes / 2**20, "weight_bits": bits or None,
             "bleu": {"mean": bs.mean, "std": bs.std, "per_split": bleu},
             "chrf": {"mean": cs.mean, "std": cs.std, "per_split": chrf},
-            "splits": per_split, "speed": meter.summary(), "signatures": signatures}
+            "splits": per_split, "speed": meter.summary(),
+            "hit_max_new_tokens": meter.hit_max_new_tokens(), "signatures": signatures}
 
 
 def _score_ct2(results, model, tokenizer, quantization, data, config, out_dir, writer) -> None:

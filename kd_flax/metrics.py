@@ -9,7 +9,8 @@
   (ddof=1) across splits — the spread one would expect on a new split of the same size;
   `std` is NaN for a single split (no spread can be estimated from one number).
 - `SpeedMeter`: sentences/s and tokens/s over decoded batches, leaving out each batch shape's
-  first call (which includes XLA compilation) when warm batches exist.
+  first call (which includes XLA compilation) when warm batches exist; and how many
+  hypotheses hit max_new_tokens without EOS (`hit_max_new_tokens`).
 """
 
 from __future__ import annotations
@@ -139,12 +140,21 @@ class SpeedMeter:
 
     def __init__(self):
         self.batches: list[tuple[int, int, float, bool]] = []
+        self.hit_max = 0  # hypotheses that reached max_new_tokens without EOS, over all batches
 
-    def add(self, sentences: int, tokens: int, seconds: float, *, first_call: bool = False) -> None:
-        if sentences < 0 or tokens < 0 or seconds < 0:
-            raise ValueError(f"SpeedMeter.add: sentences, tokens and seconds must be ≥ 0, got "
-                             f"{sentences}, {tokens}, {seconds}")
+    def add(self, sentences: int, tokens: int, seconds: float, *, first_call: bool = False,
+            hit_max: int = 0) -> None:
+        if sentences < 0 or tokens < 0 or seconds < 0 or not 0 <= hit_max <= sentences:
+            raise ValueError(f"SpeedMeter.add: sentences, tokens and seconds must be ≥ 0 and "
+                             f"0 ≤ hit_max ≤ sentences, got {sentences}, {tokens}, {seconds}, {hit_max}")
         self.batches.append((int(sentences), int(tokens), float(seconds), bool(first_call)))
+        self.hit_max += int(hit_max)
+
+    def hit_max_new_tokens(self) -> dict[str, float]:
+        """``{"count", "share"}`` of the sentences (all batches) whose hypothesis hit
+        max_new_tokens without EOS; share is NaN before any sentence."""
+        n = sum(b[0] for b in self.batches)
+        return {"count": self.hit_max, "share": self.hit_max / n if n else float("nan")}
 
     def time(self, sentences: int = 0, tokens: int = 0, *, first_call: bool = False) -> "_Timing":
         """Context manager timing a block: `with meter.time(n, t): work()` (set `.tokens` inside

@@ -351,6 +351,23 @@ def test_filters_drop_and_record(setup, tmp_path):
     assert m["counts"]["kept"] == len(want_keep) and m["counts"]["generated"] == 42
 
 
+def test_outputs_that_hit_max_new_tokens_are_counted(setup, reference_run, tmp_path, caplog):
+    """Candidates with no EOS within max_new_tokens (runaways) are counted, kept or not."""
+    d, good = setup
+    assert reference_run[1]["counts"]["hit_max_new_tokens"] == 0  # max_new_tokens=20 > every source
+    with caplog.at_level("WARNING", logger="kd_flax.pseudo_labels"):
+        m = G.run(config(d, max_new_tokens=6), tmp_path, generate_fn=fake_generate, load_fn=make_loader(),
+                  progress=False)
+    # The fake copies the source (one token a word) then EOS: sources of ≥ 6 words never get one.
+    hit = sum(len(src.split()) >= 6 for src, _ in good.values())
+    assert 0 < hit < len(good)
+    c = m["counts"]
+    assert (c["hit_max_new_tokens"], c["hit_max_new_tokens_share"]) == (hit, pytest.approx(hit / 42))
+    assert sum(io_utils.read_json(tmp_path / "generate" / f"{n}.stats.json")["hit_max_new_tokens"]
+               for n in m["shards"]) == hit
+    assert f"{hit} of 42 pseudo-labels" in caplog.text and "max_new_tokens without EOS" in caplog.text
+
+
 # ----------------------------------------------------------------------------- multi-host
 
 
