@@ -205,3 +205,54 @@ class _Timing:
         if exc_type is None:
             self.meter.add(self.sentences, self.tokens, self.seconds, first_call=self.first_call)
         return False
+
+
+PROGRESS_EVERY_S = 30.0  # seconds between ProgressLog lines
+PROGRESS_LOGGER = "kd_flax.progress"  # the CLI shows this logger's INFO lines (kd_flax.main)
+
+
+def stderr_is_tty() -> bool:
+    import sys
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
+
+
+class ProgressLog:
+    """Progress lines for a run that has no progress bar (stderr is not a terminal, so a log
+    file or a scheduler would show nothing for minutes): `add(sentences, tokens)` after each
+    batch; every `every_s` seconds one INFO line on the `kd_flax.progress` logger:
+    ``WHAT: done/total sentences (pct), X sentences/s, Y target tokens/s, ETA Hh MMm SSs``
+    (rates over the whole run so far). Disabled: `add` does nothing."""
+
+    def __init__(self, total: int, what: str, *, enabled: bool = True, every_s: float | None = None,
+                 clock=time.monotonic):
+        import logging
+        self.total, self.what, self.enabled, self.clock = int(total), what, enabled, clock
+        self.every_s = PROGRESS_EVERY_S if every_s is None else float(every_s)
+        self.log = logging.getLogger(PROGRESS_LOGGER)
+        self.sentences = self.tokens = 0
+        self.t_start = self._t_last = clock()
+
+    def add(self, sentences: int, tokens: int) -> None:
+        self.sentences += int(sentences)
+        self.tokens += int(tokens)
+        now = self.clock()
+        if self.enabled and now - self._t_last >= self.every_s:
+            self._t_last = now
+            self.log.info(self.line(now))
+
+    def line(self, now: float | None = None) -> str:
+        el = max((self.clock() if now is None else now) - self.t_start, 1e-9)
+        rate = self.sentences / el
+        left = max(self.total - self.sentences, 0)
+        eta = _hms(left / rate) if rate > 0 else "?"
+        pct = 100 * self.sentences / self.total if self.total else 100.0
+        return (f"{self.what}: {self.sentences}/{self.total} sentences ({pct:.1f}%), "
+                f"{rate:.1f} sentences/s, {self.tokens / el:.0f} target tokens/s, ETA {eta}")
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h {s % 3600 // 60:02d}m {s % 60:02d}s"

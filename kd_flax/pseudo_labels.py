@@ -270,7 +270,9 @@ def run(config, workdir, *, force: bool = False, generate_fn: Callable | None = 
       process_index, process_count: override ``jax.process_index()/process_count()``
         (to simulate hosts in tests).
       on_shard_done: called with each shard's name after it is committed.
-      progress: show a tqdm bar (default: when stderr is a terminal).
+      progress: show a tqdm bar (default: when stderr is a terminal); without one, a line
+        every 30 s on the `kd_flax.progress` logger (sentences done/total, sentences/s,
+        target tokens/s, ETA).
     """
     validate_config(config)
     pi = jax.process_index() if process_index is None else int(process_index)
@@ -415,15 +417,18 @@ def _generate_shards(config, pending, local, out_dir, pc, t_path, tok_path, gene
 
     from tqdm.auto import tqdm
 
+    from kd_flax.metrics import ProgressLog, stderr_is_tty
+
     total = sum(s.end - s.start for s in pending)
-    bar = tqdm(total=total, unit="sent", desc="generate", dynamic_ncols=True,
-               disable=(not progress) if progress is not None else None)
+    show_bar = stderr_is_tty() if progress is None else bool(progress)
+    bar = tqdm(total=total, unit="sent", desc="generate", dynamic_ncols=True, disable=not show_bar)
+    lines = ProgressLog(total, "generate", enabled=not show_bar)  # no bar: a line every 30 s
     t_start, n_sent, n_tok = time.time(), 0, 0
     try:
         for shard in pending:
             t0 = time.time()
             stats = _run_shard(config, shard, local[shard.start:shard.end], translator, tokenizer,
-                               boundaries, pad_id, eos, special, out_dir, pc)
+                               boundaries, pad_id, eos, special, out_dir, pc, on_batch=lines.add)
             n_sent += stats["generated"]
             n_tok += stats["tokens"]
             el = max(time.time() - t_start, 1e-9)
@@ -442,7 +447,8 @@ def _generate_shards(config, pending, local, out_dir, pc, t_path, tok_path, gene
 
 
 def _run_shard(config, shard, examples, translator, tokenizer, boundaries, pad_id, eos, special,
-               out_dir, pc) -> dict:
+               out_dir, pc, on_batch: Callable[[int, int], None] | None = None) -> dict:
+    """Generate one shard and write its files; `on_batch(sentences, tokens)` after each batch."""
     from kd_flax.translate import hit_max_new_tokens
 
     g, d = config.generate, config.data
@@ -462,6 +468,7 @@ def _run_shard(config, shard, examples, translator, tokenizer, boundaries, pad_i
                                           _batch_seed(g.seed, shard.process, shard.index, j))
         rows = np.flatnonzero(batch["valid"])
         n_ret = seqs.shape[1]
+        tokens_before = n_tokens
         token_lists, lengths = [], []
         for i in rows:
             for r in range(n_ret):
@@ -488,6 +495,8 @@ def _run_shard(config, shard, examples, translator, tokenizer, boundaries, pad_i
                 records[ex.id] = rec
             else:
                 dropped.append(dict(rec, reason=verdict[0], value=verdict[1]))
+        if on_batch is not None:
+            on_batch(len(rows), n_tokens - tokens_before)
     name = shard.name(pc)
     by_reason: dict[str, int] = {}
     for rec in dropped:

@@ -9,6 +9,7 @@ one test runs the real tiny T5 + kd_flax.decoding through the CLI and kills it w
 import collections
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -366,6 +367,38 @@ def test_outputs_that_hit_max_new_tokens_are_counted(setup, reference_run, tmp_p
     assert sum(io_utils.read_json(tmp_path / "generate" / f"{n}.stats.json")["hit_max_new_tokens"]
                for n in m["shards"]) == hit
     assert f"{hit} of 42 pseudo-labels" in caplog.text and "max_new_tokens without EOS" in caplog.text
+
+
+def test_progress_lines_without_a_bar(setup, tmp_path, caplog, monkeypatch):
+    """No bar (progress=False, or stderr not a terminal): a line on `kd_flax.progress` every
+    PROGRESS_EVERY_S seconds with sentences done/total, sentences/s, target tokens/s and ETA."""
+    from kd_flax import metrics
+    d, good = setup
+    monkeypatch.setattr(metrics, "PROGRESS_EVERY_S", 0.0)  # a line after every batch
+    with caplog.at_level("INFO", logger=metrics.PROGRESS_LOGGER):
+        G.run(config(d), tmp_path / "a", generate_fn=fake_generate, load_fn=make_loader(), progress=False)
+    lines = [r.getMessage() for r in caplog.records if r.name == metrics.PROGRESS_LOGGER]
+    pat = (r"generate: (\d+)/42 sentences \([\d.]+%\), ([\d.]+) sentences/s, (\d+) target tokens/s, "
+           r"ETA (\d+h \d\dm \d\ds|\?)$")
+    done = [int(re.match(pat, ln)[1]) for ln in lines]
+    assert done == sorted(done) and done[-1] == 42 and len(done) > 5, lines
+    caplog.clear()
+    with caplog.at_level("INFO", logger=metrics.PROGRESS_LOGGER):  # a bar instead
+        G.run(config(d), tmp_path / "b", generate_fn=fake_generate, load_fn=make_loader(), progress=True)
+    assert not [r for r in caplog.records if r.name == metrics.PROGRESS_LOGGER]
+
+
+def test_progress_log_every_n_seconds(caplog):
+    from kd_flax import metrics
+    now = [0.0]
+    p = metrics.ProgressLog(100, "job", every_s=30, clock=lambda: now[0])
+    with caplog.at_level("INFO", logger=metrics.PROGRESS_LOGGER):
+        for t, n in ((10, 10), (29, 10), (40, 20), (50, 10)):
+            now[0] = t
+            p.add(n, 5 * n)
+    assert [r.getMessage() for r in caplog.records] == [
+        "job: 40/100 sentences (40.0%), 1.0 sentences/s, 5 target tokens/s, ETA 0h 01m 00s"]
+    assert not metrics.ProgressLog(1, "x", enabled=False, every_s=0).add(1, 1)
 
 
 # ----------------------------------------------------------------------------- multi-host

@@ -2,6 +2,7 @@
 NaN guard, checkpoint contents, fake quantization."""
 
 import os
+import re
 import signal
 
 import jax
@@ -372,6 +373,24 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, plain):
     res2 = T.train(step, T.init_train_state(params_of(student), cfg), tcfg(steps=7), workdir=str(tmp_path),
                    batches=inner, progress=False)
     assert res2.start_step == 5 and len(res2.losses) == 2
+
+
+def test_log_lines_report_steps_and_target_tokens_per_s(tmp_path, plain):
+    """Without a bar on a terminal, every log_every steps (and the last) a line with steps/s and
+    target tokens/s (non-pad labels of real rows)."""
+    student, _, step = plain
+    b = rand_batch(0)
+    b["loss_mask"][0] = 0  # a pad row
+    assert T.target_tokens(b) == int(b["decoder_attention_mask"][1:].sum()) > 0
+    assert T.target_tokens({"decoder_attention_mask": b["decoder_attention_mask"]}) == \
+        int(b["decoder_attention_mask"].sum())
+    lines = []
+    T.train(step, T.init_train_state(params_of(student), tcfg(steps=7)), tcfg(steps=7), workdir=str(tmp_path),
+            batches=_batches_fn(_examples(), tcfg(steps=7)), progress=False, log=lines.append)
+    assert [ln.split(":")[0] for ln in lines] == ["step 5/7", "step 7/7"]
+    for ln in lines:
+        rates = re.search(r"loss=[\d.]+, ([\d.]+) steps/s, (\d+) target tokens/s$", ln)
+        assert rates and float(rates[1]) > 0 and int(rates[2]) > float(rates[1]), ln
 
 
 # ---------------------------------------------------------------------------- fake quantization
