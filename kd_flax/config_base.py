@@ -96,6 +96,7 @@ def train_block(**overrides) -> dict:
             "grad_clip_norm": 1.0,
             "b1": 0.9,
             "b2": 0.98,
+            "decay_rate": 0.8,  # adafactor's (b1/b2 are adamw's)
         },
         "loss": {
             "ce_weight": 1.0,
@@ -325,6 +326,7 @@ for _blk in ("finetune", "distill"):
         f"{_blk}.checkpoint_every": (0, None, True, True),
         f"{_blk}.optimizer.learning_rate": (0, None, False, True),
         f"{_blk}.optimizer.warmup_steps": (0, None, True, True),
+        f"{_blk}.optimizer.decay_rate": (0, 1, False, True),
         f"{_blk}.loss.label_smoothing": (0, 1, True, False),
         f"{_blk}.loss.temperature": (0, None, False, True),
         f"{_blk}.loss.lam": (0, 1, True, True),
@@ -412,13 +414,11 @@ def _model_key_problems(cfg: dict) -> list[str]:
         mt = d.get("model_type", tmt)
         try:
             cls = hf.get_family(mt).config_cls
-        except Exception:
-            continue  # unknown/absent model_type is reported where the model is built
+        except (ValueError, TypeError):  # get_family: unknown/absent (or unhashable) model_type
+            continue  # reported where the model is built
         allowed = {f.name for f in dataclasses.fields(cls)} | {"model_type", "architectures"}
-        try:
-            allowed |= set(cls.from_hf({"model_type": mt}).to_hf())
-        except Exception:
-            pass
+        # The family's defaults for a model_type it registered: cannot fail short of a bug.
+        allowed |= set(cls.from_hf({"model_type": mt}).to_hf())
         for k in sorted(set(d) - allowed):
             close = difflib.get_close_matches(k, sorted(allowed), n=3, cutoff=0.6)
             out.append(f"{blk}.model.{k}: unknown key for model_type {mt!r}; closest valid keys: "

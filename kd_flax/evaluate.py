@@ -32,11 +32,18 @@ def split_name(spec: str) -> str:
         return spec.split(":")[1]
     if spec.startswith("hf:"):
         return spec.rsplit("@", 1)[1] if "@" in spec else spec[3:].replace("/", "_")
-    name = os.path.basename(spec.split("+")[0].rstrip("/"))
-    for ext in (".gz", ".jsonl", ".json", ".tsv", ".txt"):
-        if name.endswith(ext):
-            name = name[: -len(ext)]
-    return name.replace("{lang}", "").strip(".")
+    names = []
+    for part in spec.split("+"):
+        name = os.path.basename(part.rstrip("/"))
+        for ext in (".gz", ".jsonl", ".json", ".tsv", ".txt"):
+            if name.endswith(ext):
+                name = name[: -len(ext)]
+        names.append(name.replace("{lang}", "").strip("."))
+    if len(names) == 1:
+        return names[0]
+    # A parallel-file pair (`a.en+a.fr`): the dot-separated components all parts share.
+    common = os.path.commonprefix([n.split(".") for n in names])
+    return ".".join(common) or names[0]
 
 
 def select_splits(test_specs: Sequence[str] | str, wanted: Sequence[str]) -> list[tuple[str, str]]:
@@ -240,7 +247,8 @@ def _model_row(path, n_params, n_bytes, bits, bleu, chrf, per_split, meter, sign
     return {"path": path, "parameters": n_params, "size_mb": n_bytes / 2**20, "weight_bits": bits or None,
             "bleu": {"mean": bs.mean, "std": bs.std, "per_split": bleu},
             "chrf": {"mean": cs.mean, "std": cs.std, "per_split": chrf},
-            "splits": per_split, "speed": meter.summary(), "signatures": signatures}
+            "splits": per_split, "speed": meter.summary(),
+            "hit_max_new_tokens": meter.hit_max_new_tokens(), "signatures": signatures}
 
 
 def _score_ct2(results, model, tokenizer, quantization, data, config, out_dir, writer) -> None:

@@ -145,7 +145,9 @@ def ct2_translate(ct2_dir, tokenizer, texts, *, num_beams: int, max_new_tokens: 
         hyps = [tokenizer.convert_tokens_to_ids(r.hypotheses[0]) for r in res]
         out.extend(t.strip() for t in tokenizer.batch_decode(hyps, skip_special_tokens=True))
         if meter is not None:
-            meter.add(len(chunk), sum(len(h) for h in hyps), seconds)
+            # CTranslate2's hypotheses leave EOS out: max_new_tokens of them means none came.
+            meter.add(len(chunk), sum(len(h) for h in hyps), seconds,
+                      hit_max=sum(len(h) >= max_new_tokens for h in hyps))
     return out
 
 

@@ -12,6 +12,7 @@ is skipped; a stage whose config changed is refused with the changed keys named 
 from __future__ import annotations
 
 import contextlib
+import logging as std_logging
 import os
 import sys
 import time
@@ -407,8 +408,11 @@ def main(argv: list[str]) -> None:
     if _CONFIG.value is None or not _WORKDIR.value:
         sys.exit(f"error: --config and --workdir are required\n{usage}")
     if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv):
-        # Orbax and XLA log every checkpoint step at INFO; keep the console for progress bars.
+        # Orbax and XLA log every checkpoint step at INFO; keep the console for progress bars
+        # and, where stderr is no terminal (no bars), kd_flax's periodic progress lines.
         logging.set_verbosity(logging.WARNING)
+        from kd_flax.metrics import PROGRESS_LOGGER
+        std_logging.getLogger(PROGRESS_LOGGER).setLevel(std_logging.INFO)
     _maybe_init_distributed()
     try:
         results = run(argv[1], _CONFIG.value, _WORKDIR.value, force=_FORCE.value, variants=_VARIANTS.value)

@@ -9,7 +9,8 @@
   (ddof=1) across splits — the spread one would expect on a new split of the same size;
   `std` is NaN for a single split (no spread can be estimated from one number).
 - `SpeedMeter`: sentences/s and tokens/s over decoded batches, leaving out each batch shape's
-  first call (which includes XLA compilation) when warm batches exist.
+  first call (which includes XLA compilation) when warm batches exist; and how many
+  hypotheses hit max_new_tokens without EOS (`hit_max_new_tokens`).
 """
 
 from __future__ import annotations
@@ -139,12 +140,21 @@ class SpeedMeter:
 
     def __init__(self):
         self.batches: list[tuple[int, int, float, bool]] = []
+        self.hit_max = 0  # hypotheses that reached max_new_tokens without EOS, over all batches
 
-    def add(self, sentences: int, tokens: int, seconds: float, *, first_call: bool = False) -> None:
-        if sentences < 0 or tokens < 0 or seconds < 0:
-            raise ValueError(f"SpeedMeter.add: sentences, tokens and seconds must be ≥ 0, got "
-                             f"{sentences}, {tokens}, {seconds}")
+    def add(self, sentences: int, tokens: int, seconds: float, *, first_call: bool = False,
+            hit_max: int = 0) -> None:
+        if sentences < 0 or tokens < 0 or seconds < 0 or not 0 <= hit_max <= sentences:
+            raise ValueError(f"SpeedMeter.add: sentences, tokens and seconds must be ≥ 0 and "
+                             f"0 ≤ hit_max ≤ sentences, got {sentences}, {tokens}, {seconds}, {hit_max}")
         self.batches.append((int(sentences), int(tokens), float(seconds), bool(first_call)))
+        self.hit_max += int(hit_max)
+
+    def hit_max_new_tokens(self) -> dict[str, float]:
+        """``{"count", "share"}`` of the sentences (all batches) whose hypothesis hit
+        max_new_tokens without EOS; share is NaN before any sentence."""
+        n = sum(b[0] for b in self.batches)
+        return {"count": self.hit_max, "share": self.hit_max / n if n else float("nan")}
 
     def time(self, sentences: int = 0, tokens: int = 0, *, first_call: bool = False) -> "_Timing":
         """Context manager timing a block: `with meter.time(n, t): work()` (set `.tokens` inside
@@ -195,3 +205,54 @@ class _Timing:
         if exc_type is None:
             self.meter.add(self.sentences, self.tokens, self.seconds, first_call=self.first_call)
         return False
+
+
+PROGRESS_EVERY_S = 30.0  # seconds between ProgressLog lines
+PROGRESS_LOGGER = "kd_flax.progress"  # the CLI shows this logger's INFO lines (kd_flax.main)
+
+
+def stderr_is_tty() -> bool:
+    import sys
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
+
+
+class ProgressLog:
+    """Progress lines for a run that has no progress bar (stderr is not a terminal, so a log
+    file or a scheduler would show nothing for minutes): `add(sentences, tokens)` after each
+    batch; every `every_s` seconds one INFO line on the `kd_flax.progress` logger:
+    ``WHAT: done/total sentences (pct), X sentences/s, Y target tokens/s, ETA Hh MMm SSs``
+    (rates over the whole run so far). Disabled: `add` does nothing."""
+
+    def __init__(self, total: int, what: str, *, enabled: bool = True, every_s: float | None = None,
+                 clock=time.monotonic):
+        import logging
+        self.total, self.what, self.enabled, self.clock = int(total), what, enabled, clock
+        self.every_s = PROGRESS_EVERY_S if every_s is None else float(every_s)
+        self.log = logging.getLogger(PROGRESS_LOGGER)
+        self.sentences = self.tokens = 0
+        self.t_start = self._t_last = clock()
+
+    def add(self, sentences: int, tokens: int) -> None:
+        self.sentences += int(sentences)
+        self.tokens += int(tokens)
+        now = self.clock()
+        if self.enabled and now - self._t_last >= self.every_s:
+            self._t_last = now
+            self.log.info(self.line(now))
+
+    def line(self, now: float | None = None) -> str:
+        el = max((self.clock() if now is None else now) - self.t_start, 1e-9)
+        rate = self.sentences / el
+        left = max(self.total - self.sentences, 0)
+        eta = _hms(left / rate) if rate > 0 else "?"
+        pct = 100 * self.sentences / self.total if self.total else 100.0
+        return (f"{self.what}: {self.sentences}/{self.total} sentences ({pct:.1f}%), "
+                f"{rate:.1f} sentences/s, {self.tokens / el:.0f} target tokens/s, ETA {eta}")
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h {s % 3600 // 60:02d}m {s % 60:02d}s"

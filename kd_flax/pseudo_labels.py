@@ -8,7 +8,9 @@
   ``generate.write_nbest``, ``hyps``, ``scores``, ``sum_logprobs`` (the n-best list);
 * ``dropped-*.jsonl``: examples removed by a filter, with ``reason`` and ``value``;
 * ``part-*.stats.json``: per-shard counts; ``manifest.json``: settings, teacher checksum,
-  counts (read, bad lines by kind, generated, kept, dropped by filter), status.
+  counts (read, bad lines by kind, generated, kept, dropped by filter, and
+  ``hit_max_new_tokens`` / ``hit_max_new_tokens_share``: chosen outputs that reached
+  ``generate.max_new_tokens`` without EOS, i.e. runaway loops), status.
 
 Why shards: a shard is a fixed, contiguous range of this process's corpus slice, so the set
 of shards and the content of each depend only on the corpus and the settings. A shard's
@@ -268,7 +270,9 @@ def run(config, workdir, *, force: bool = False, generate_fn: Callable | None = 
       process_index, process_count: override ``jax.process_index()/process_count()``
         (to simulate hosts in tests).
       on_shard_done: called with each shard's name after it is committed.
-      progress: show a tqdm bar (default: when stderr is a terminal).
+      progress: show a tqdm bar (default: when stderr is a terminal); without one, a line
+        every 30 s on the `kd_flax.progress` logger (sentences done/total, sentences/s,
+        target tokens/s, ETA).
     """
     validate_config(config)
     pi = jax.process_index() if process_index is None else int(process_index)
@@ -367,18 +371,25 @@ def _finish(out_dir, base, report, n_examples) -> dict:
         return dict(base, status="running", missing=missing)
     counts = {"read": report.read, "bad": dict(sorted(report.bad.items())),
               "examples": n_examples, "generated": 0, "kept": 0, "dropped": {},
-              "truncated_source": 0, "tokens": 0}
+              "truncated_source": 0, "tokens": 0, "hit_max_new_tokens": 0}
     seconds = 0.0
     dropped_files = []
     for name in base["shards"]:
         st = io_utils.read_json(io_utils.join(out_dir, name + ".stats.json"))
-        for k in ("generated", "kept", "truncated_source", "tokens"):
-            counts[k] += st[k]
+        for k in ("generated", "kept", "truncated_source", "tokens", "hit_max_new_tokens"):
+            counts[k] += st.get(k, 0)  # hit_max_new_tokens: absent in shards of older versions
         for reason, c in st["dropped"].items():
             counts["dropped"][reason] = counts["dropped"].get(reason, 0) + c
         if st["dropped"]:
             dropped_files.append(st["dropped_file"])
         seconds += st["seconds"]
+    counts["hit_max_new_tokens_share"] = (counts["hit_max_new_tokens"] / counts["generated"]
+                                          if counts["generated"] else 0.0)
+    if counts["hit_max_new_tokens"]:
+        log.warning("generate: %d of %d pseudo-labels (%.1f%%) hit generate.max_new_tokens without "
+                    "EOS (runaway loops or too short a limit); generate.filters.max_length_ratio "
+                    "drops those much longer than their source", counts["hit_max_new_tokens"],
+                    counts["generated"], 100 * counts["hit_max_new_tokens_share"])
     manifest = dict(base, status="done", counts=counts, dropped_files=dropped_files,
                     generate_seconds=round(seconds, 3), updated=time.time())
     io_utils.atomic_write_json(io_utils.join(out_dir, MANIFEST), manifest)
@@ -406,22 +417,26 @@ def _generate_shards(config, pending, local, out_dir, pc, t_path, tok_path, gene
 
     from tqdm.auto import tqdm
 
+    from kd_flax.metrics import ProgressLog, stderr_is_tty
+
     total = sum(s.end - s.start for s in pending)
-    bar = tqdm(total=total, unit="sent", desc="generate", dynamic_ncols=True,
-               disable=(not progress) if progress is not None else None)
+    show_bar = stderr_is_tty() if progress is None else bool(progress)
+    bar = tqdm(total=total, unit="sent", desc="generate", dynamic_ncols=True, disable=not show_bar)
+    lines = ProgressLog(total, "generate", enabled=not show_bar)  # no bar: a line every 30 s
     t_start, n_sent, n_tok = time.time(), 0, 0
     try:
         for shard in pending:
             t0 = time.time()
             stats = _run_shard(config, shard, local[shard.start:shard.end], translator, tokenizer,
-                               boundaries, pad_id, eos, special, out_dir, pc)
+                               boundaries, pad_id, eos, special, out_dir, pc, on_batch=lines.add)
             n_sent += stats["generated"]
             n_tok += stats["tokens"]
             el = max(time.time() - t_start, 1e-9)
             bar.update(stats["generated"])
             bar.set_postfix(sent_s=f"{n_sent / el:.1f}", tok_s=f"{n_tok / el:.0f}")
-            log.info("generate: %s done: %d kept, %d dropped, %.1f sent/s, %.0f tok/s (%d compilations)",
-                     shard.name(pc), stats["kept"], sum(stats["dropped"].values()),
+            log.info("generate: %s done: %d kept, %d dropped, %d hit max_new_tokens, %.1f sent/s, "
+                     "%.0f tok/s (%d compilations)",
+                     shard.name(pc), stats["kept"], sum(stats["dropped"].values()), stats["hit_max_new_tokens"],
                      stats["generated"] / max(time.time() - t0, 1e-9),
                      stats["tokens"] / max(time.time() - t0, 1e-9), translator.compilations())
             if on_shard_done is not None:
@@ -432,7 +447,10 @@ def _generate_shards(config, pending, local, out_dir, pc, t_path, tok_path, gene
 
 
 def _run_shard(config, shard, examples, translator, tokenizer, boundaries, pad_id, eos, special,
-               out_dir, pc) -> dict:
+               out_dir, pc, on_batch: Callable[[int, int], None] | None = None) -> dict:
+    """Generate one shard and write its files; `on_batch(sentences, tokens)` after each batch."""
+    from kd_flax.translate import hit_max_new_tokens
+
     g, d = config.generate, config.data
     t0 = time.time()
     report = corpus_lib.CorpusReport()
@@ -444,12 +462,13 @@ def _run_shard(config, shard, examples, translator, tokenizer, boundaries, pad_i
                                                     add_special_tokens=False)["input_ids"]]
     records: dict[int, dict] = {}
     dropped: list[dict] = []
-    n_tokens = 0
+    n_tokens = n_hit_max = 0
     for j, batch in enumerate(data_lib.generation_batches(tok_ex, g.batch_size, boundaries, pad_id)):
         seqs, scores, sum_lp = translator(batch["input_ids"], batch["attention_mask"],
                                           _batch_seed(g.seed, shard.process, shard.index, j))
         rows = np.flatnonzero(batch["valid"])
         n_ret = seqs.shape[1]
+        tokens_before = n_tokens
         token_lists, lengths = [], []
         for i in rows:
             for r in range(n_ret):
@@ -460,11 +479,13 @@ def _run_shard(config, shard, examples, translator, tokenizer, boundaries, pad_i
                 token_lists.append(toks)
                 lengths.append(sum(1 for t in toks if t not in special))
         texts = tokenizer.batch_decode(token_lists, skip_special_tokens=True)
+        hit_max = hit_max_new_tokens(seqs, eos)
         for k, i in enumerate(rows):
             ex = examples[batch["rows"][i]]
             hyps = [t.strip() for t in texts[k * n_ret:(k + 1) * n_ret]]
             sc = [float(x) for x in scores[i]]
             choice = select_candidate(hyps, sc, ex.ref, g.select)
+            n_hit_max += int(hit_max[i, choice])
             rec = {"id": ex.id, "src": ex.src, "ref": ex.ref, "hyp": hyps[choice], "score": sc[choice]}
             if g.write_nbest:
                 rec.update(hyps=hyps, scores=sc, sum_logprobs=[float(x) for x in sum_lp[i]])
@@ -474,6 +495,8 @@ def _run_shard(config, shard, examples, translator, tokenizer, boundaries, pad_i
                 records[ex.id] = rec
             else:
                 dropped.append(dict(rec, reason=verdict[0], value=verdict[1]))
+        if on_batch is not None:
+            on_batch(len(rows), n_tokens - tokens_before)
     name = shard.name(pc)
     by_reason: dict[str, int] = {}
     for rec in dropped:
@@ -485,6 +508,7 @@ def _run_shard(config, shard, examples, translator, tokenizer, boundaries, pad_i
     stats = {"shard": name, "examples": len(examples), "generated": len(examples),
              "kept": len(records), "dropped": by_reason, "dropped_file": dropped_file,
              "truncated_source": report.truncated_source, "tokens": n_tokens,
+             "hit_max_new_tokens": n_hit_max,
              "first_id": examples[0].id if examples else None,
              "last_id": examples[-1].id if examples else None,
              "seconds": round(time.time() - t0, 3)}

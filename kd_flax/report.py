@@ -73,7 +73,8 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
 
 
 def results_rows(results: Mapping[str, Any], name_prefix: str = "") -> list[dict[str, Any]]:
-    """Table rows (model, parameters, size MB, BLEU mean ± std, chrF, sentences/s) from results."""
+    """Table rows (model, parameters, size MB, BLEU mean ± std, chrF, sentences/s, hypotheses
+    that hit max_new_tokens without EOS) from results."""
     rows = []
     for mname, r in results["models"].items():
         rows.append({
@@ -83,8 +84,18 @@ def results_rows(results: Mapping[str, Any], name_prefix: str = "") -> list[dict
             "BLEU": Stats(r["bleu"]["mean"], _nan(r["bleu"]["std"]), len(r["bleu"]["per_split"])),
             "chrF": Stats(r["chrf"]["mean"], _nan(r["chrf"]["std"]), len(r["chrf"]["per_split"])),
             "sentences/s": _nan(r["speed"]["sentences_per_s"]),
+            "hit max_new_tokens": _hit_share(r),
         })
     return rows
+
+
+def _hit_share(r: Mapping[str, Any]) -> str | None:
+    """"count (share %)" of hypotheses that hit max_new_tokens without EOS (None: not recorded)."""
+    hit = r.get("hit_max_new_tokens")
+    if not hit:
+        return None
+    share = _nan(hit["share"])
+    return f"{hit['count']} ({'–' if math.isnan(share) else f'{100 * share:.1f}%'})"
 
 
 def _nan(v):
@@ -98,7 +109,8 @@ def report_markdown(results: Mapping[str, Any]) -> str:
              f"(ddof=1) over {n} test split{'s' if n != 1 else ''}: {', '.join(results['splits'])}. "
              f"Decoding: num_beams={results['settings']['num_beams']}, "
              f"max_new_tokens={results['settings']['max_new_tokens']}. Sentences/s exclude the first "
-             f"(compiling) batch of each shape.\n",
+             f"(compiling) batch of each shape. Hit max_new_tokens: hypotheses that reached "
+             f"max_new_tokens without EOS (runaway loops or a too short limit), of all sentences.\n",
              format_table(results_rows(results)), "\n## Per split (BLEU / chrF)\n"]
     split_rows = []
     for mname, r in results["models"].items():

@@ -87,8 +87,9 @@ def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
-    """AdamW or Adafactor from a train block (`cfg.optimizer`, `cfg.steps`), with global-norm
-    clipping and weight decay masked off norms and biases."""
+    """AdamW (`b1`, `b2`) or Adafactor (`decay_rate`, optax's 0.8 by default) from a train
+    block (`cfg.optimizer`, `cfg.steps`), with global-norm clipping and weight decay masked
+    off norms and biases."""
     o = _get(cfg, "optimizer")
     if o is None:
         raise ValueError("train config: missing the 'optimizer' block")
@@ -99,7 +100,8 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
         tx = optax.adamw(sched, b1=float(_get(o, "b1", 0.9)), b2=float(_get(o, "b2", 0.999)),
                          eps=1e-8, weight_decay=wd, mask=decay_mask)
     else:
-        tx = optax.adafactor(sched, decay_rate=float(_get(o, "b2", 0.8)) if _get(o, "b2", 0) < 1 else 0.8,
+        # Adafactor's second-moment decay is `1 - t**-decay_rate`, not Adam's b2: its own key.
+        tx = optax.adafactor(sched, decay_rate=float(_get(o, "decay_rate", 0.8)),
                              weight_decay_rate=wd or None, weight_decay_mask=decay_mask)
     clip = float(_get(o, "grad_clip_norm", 0.0) or 0.0)
     return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
@@ -383,6 +385,13 @@ MODEL_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "labels", "dec
               "loss_mask", "teacher_topk_logprobs", "teacher_topk_ids")
 
 
+def target_tokens(batch: dict) -> int:
+    """Non-pad target tokens of a batch: `loss_mask` > 0 (`decoder_attention_mask` on real
+    rows, 0 on the pad rows `data.batches` adds), else `decoder_attention_mask`."""
+    mask = batch["loss_mask"] if "loss_mask" in batch else batch["decoder_attention_mask"]
+    return int((np.asarray(mask) > 0).sum())
+
+
 def model_batch(batch: dict) -> dict:
     """The arrays the step uses (drops bookkeeping such as `example_id`, `valid`)."""
     return {k: v for k, v in batch.items() if k in MODEL_KEYS}
@@ -498,14 +507,19 @@ def train(step_fn: TrainStep, state: TrainState, cfg, *, workdir: str, batches: 
     window: dict[str, list[float]] = {}
     preempted = False
     bar = tqdm(total=total, initial=start, disable=not (progress and writer_proc), dynamic_ncols=True)
+    from kd_flax.metrics import stderr_is_tty
+    # No readable bar (off, or stderr is no terminal): a log line every log_every steps.
+    log_lines = writer_proc and not (progress and stderr_is_tty())
     it = batches(start)
-    t0 = time.perf_counter()
+    t0, n_win, n_tok = time.perf_counter(), 0, 0  # steps and target tokens since the last log
     try:
         with _Preemption() as pre:
             for step in range(start, total):
                 if fail_at_step is not None and step >= fail_at_step:
                     raise RuntimeError(f"simulated failure at step {step}")
-                state, m = step_fn(state, model_batch(next(it)), teacher_params)
+                batch = model_batch(next(it))
+                n_win, n_tok = n_win + 1, n_tok + target_tokens(batch)
+                state, m = step_fn(state, batch, teacher_params)
                 m = jax.device_get(m)
                 losses_run.append(float(m["loss"][0]))
                 for k, (s, n) in m.items():
@@ -523,12 +537,19 @@ def train(step_fn: TrainStep, state: TrainState, cfg, *, workdir: str, batches: 
                         f"(dtype), or check the data; the last good checkpoint is in {mgr.directory}")
                 if done % log_every == 0 or done == total:
                     means = {k: losses.mean((np.float32(s), np.float32(n))) for k, (s, n) in window.items()}
-                    rate = log_every / max(time.perf_counter() - t0, 1e-9)
-                    t0 = time.perf_counter()
-                    bar.set_postfix(loss=f"{float(means['loss']):.4f}", steps_s=f"{rate:.2f}")
+                    el = max(time.perf_counter() - t0, 1e-9)
+                    rate, tok_rate = n_win / el, n_tok / el
+                    t0, n_win, n_tok = time.perf_counter(), 0, 0
+                    bar.set_postfix(loss=f"{float(means['loss']):.4f}", steps_s=f"{rate:.2f}",
+                                    tok_s=f"{tok_rate:.0f}")
+                    if log_lines:
+                        log(f"step {done}/{total}: loss={float(means['loss']):.4f}, {rate:.2f} steps/s, "
+                            f"{tok_rate:.0f} target tokens/s")
                     if tb is not None:
                         for k, v in means.items():
                             tb.add_scalar(f"train/{k}", float(v), done)
+                        tb.add_scalar("train/steps_per_s", rate, done)
+                        tb.add_scalar("train/target_tokens_per_s", tok_rate, done)
                         tb.add_scalar("train/nan_skips_total", int(jax.device_get(state.nan_skips)), done)
                     window = {}
                 if evaluate is not None and eval_every and (done % eval_every == 0 or done == total):

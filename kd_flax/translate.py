@@ -265,6 +265,16 @@ def _generated_tokens(seqs: np.ndarray, eos_id: int | None, pad_id: int | None) 
     return total
 
 
+def hit_max_new_tokens(seqs: np.ndarray, eos_id) -> np.ndarray:
+    """Per hypothesis of `seqs` (``[..., max_new_tokens]``, as `generate` returns them): True
+    where it has no EOS, i.e. decoding stopped at `max_new_tokens` (a runaway loop, or a limit
+    too short for the sentence). `eos_id`: one id or several; None: nothing can end a row."""
+    seqs = np.asarray(seqs)
+    if eos_id is None:
+        return np.ones(seqs.shape[:-1], bool)
+    return ~np.isin(seqs, np.atleast_1d(np.asarray(eos_id))).any(-1)
+
+
 def _weak(x):
     try:
         return weakref.ref(x)
@@ -434,7 +444,8 @@ class Translator:
         sorted into length buckets and padded to ``[batch_size, bucket_length]``
         (`kd_flax.data.generation_batches`), so each bucket compiles once. `state`: other
         weights, as in `__call__`. `meter` (a `kd_flax.metrics.SpeedMeter`) receives each
-        batch's sentences, generated tokens and wall time; a shape's first batch is then run
+        batch's sentences, generated tokens, wall time and how many of its hypotheses hit
+        `max_new_tokens` without EOS (`hit_max_new_tokens`); a shape's first batch is then run
         once untimed before, so that no timed batch includes its compilation.
         """
         if isinstance(texts, str):
@@ -466,5 +477,6 @@ class Translator:
             for r, text in zip(rows, tok.batch_decode(best.tolist(), skip_special_tokens=True)):
                 out[batch["rows"][r]] = text.strip()
             if meter is not None:
-                meter.add(len(rows), _generated_tokens(best, eos_id, pad_id), seconds)
+                meter.add(len(rows), _generated_tokens(best, eos_id, pad_id), seconds,
+                          hit_max=int(hit_max_new_tokens(best, eos_id).sum()))
         return out  # type: ignore[return-value]

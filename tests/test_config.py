@@ -227,3 +227,18 @@ def test_unknown_model_keys_rejected_with_closest():
     assert "teacher.model.num_layer: unknown key" in msg and "'num_layers'" in msg
     assert "student.model.d_modl: unknown key" in msg and "'d_model'" in msg
     assert "num_layers:" not in msg.replace("num_layer:", "")
+
+
+def test_model_key_check_does_not_swallow_bugs(monkeypatch):
+    """A bug in a family's from_hf/to_hf surfaces instead of silently disabling the HF-key check;
+    an unknown or absent model_type is still left to the model builder."""
+    from kd_flax.models import t5
+
+    def broken(self):
+        raise RuntimeError("to_hf bug")
+
+    monkeypatch.setattr(t5.T5Config, "to_hf", broken)
+    with pytest.raises(RuntimeError, match="to_hf bug"):
+        config_base._model_key_problems({"teacher": {"model": {"model_type": "t5", "num_layers": 1}}})
+    assert config_base._model_key_problems({"teacher": {"model": {"model_type": "nope", "x": 1}},
+                                            "student": {"model": {"x": 1}}}) == []

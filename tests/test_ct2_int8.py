@@ -187,6 +187,9 @@ def test_evaluate_scores_the_ctranslate2_model(student, tmp_path):
     # The same sentences CTranslate2 gives for the fixture's own int8 conversion of the student.
     direct = ct2_hyps(d / "ct2", tok, src, 1, compute_type="int8")
     assert hyps == [tok.decode(h, skip_special_tokens=True).strip() for h in direct]
+    # CTranslate2 leaves EOS out of its hypotheses: 12 tokens (max_new_tokens) means no EOS came.
+    hit = sum(len(h) >= 12 for h in direct)
+    assert row["hit_max_new_tokens"] == {"count": hit, "share": pytest.approx(hit / len(src))}
     assert row["bleu"]["per_split"] == [pytest.approx(sacrebleu.corpus_bleu(hyps, [src]).score)]
     assert row["chrf"]["per_split"] == [pytest.approx(sacrebleu.corpus_chrf(hyps, [src]).score)]
     assert sum(len(h.split()) > 1 for h in hyps) >= len(hyps) // 2  # sentences, not EOS or noise tokens

@@ -120,6 +120,19 @@ def test_speed_meter_leaves_out_compiling_batches():
     assert m.batches[-1][:2] == (4, 8) and m.batches[-1][2] >= 0
     with pytest.raises(ValueError, match="SpeedMeter.add"):
         m.add(-1, 0, 0.0)
+    with pytest.raises(ValueError, match="hit_max"):
+        m.add(2, 0, 0.0, hit_max=3)
+    assert metrics.SpeedMeter().hit_max_new_tokens()["count"] == 0
+    m.add(6, 10, 0.1, hit_max=3)  # counted over all batches, compiling ones too
+    assert m.hit_max_new_tokens() == {"count": 3, "share": pytest.approx(3 / 60)}
+
+
+def test_hit_max_new_tokens_is_no_eos_in_the_row():
+    from kd_flax.translate import hit_max_new_tokens
+    seqs = np.array([[[5, 6, 1, 0], [5, 6, 7, 8]], [[1, 0, 0, 0], [9, 9, 9, 2]]])
+    assert hit_max_new_tokens(seqs, 1).tolist() == [[False, True], [False, True]]
+    assert hit_max_new_tokens(seqs, (1, 2)).tolist() == [[False, True], [False, False]]
+    assert hit_max_new_tokens(seqs[0], None).tolist() == [True, True]
 
 
 def test_bucketing():
@@ -215,6 +228,9 @@ def test_translate_buckets_restores_order_and_counts_tokens():
 def test_split_names_and_selection():
     specs = ["synthetic:test0:60", "/d/newstest2014.en-fr.jsonl.gz", "hf:wmt14:fr-en@test", "a/b.tsv"]
     assert [evaluate.split_name(s) for s in specs] == ["test0", "newstest2014.en-fr", "test", "b"]
+    # A parallel-file pair is named by the stem its files share.
+    assert [evaluate.split_name(s) for s in ["a.en+a.fr", "/d/nt14.en-fr.en.gz+/d/nt14.en-fr.fr.gz",
+                                             "d/src.txt+d/tgt.txt"]] == ["a", "nt14.en-fr", "src"]
     assert evaluate.select_splits(specs, ["b", "test0"]) == [("b", "a/b.tsv"), ("test0", specs[0])]
     assert [n for n, _ in evaluate.select_splits(["x/t.jsonl", "y/t.jsonl"], [])] == ["t", "t_2"]
     # Materialised synthetic specs are NAME-COUNT.jsonl; the config names them NAME.
@@ -304,6 +320,10 @@ def test_run_real_tiny_model_on_8_devices(tmp_path):
     assert m["bleu"]["per_split"] == [pytest.approx(sacrebleu.corpus_bleu(hyps, streams).score)]
     assert m["chrf"]["per_split"] == [pytest.approx(sacrebleu.corpus_chrf(hyps, streams).score)]
     assert m["splits"]["test0"]["num_refs"] == 2 and res["splits"] == ["test0"]
+    # Runaways: hypotheses with no EOS within max_new_tokens=5 (an untrained model loops).
+    hit = int(sum(cfg.eos_token_id not in row for row in out.tolist()))
+    assert hit > 0 and m["hit_max_new_tokens"] == {"count": hit, "share": pytest.approx(hit / 3)}
+    assert f"| {hit} ({100 * hit / 3:.1f}%)" in (workdir / "evaluate" / "report.md").read_text()
 
 
 def test_dev_evaluator_decodes_current_params_with_one_translator(monkeypatch):

@@ -9,6 +9,7 @@ one test runs the real tiny T5 + kd_flax.decoding through the CLI and kills it w
 import collections
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -349,6 +350,55 @@ def test_filters_drop_and_record(setup, tmp_path):
     assert dropped == want_drop
     assert m["counts"]["dropped"] == dict(collections.Counter(want_drop.values()))
     assert m["counts"]["kept"] == len(want_keep) and m["counts"]["generated"] == 42
+
+
+def test_outputs_that_hit_max_new_tokens_are_counted(setup, reference_run, tmp_path, caplog):
+    """Candidates with no EOS within max_new_tokens (runaways) are counted, kept or not."""
+    d, good = setup
+    assert reference_run[1]["counts"]["hit_max_new_tokens"] == 0  # max_new_tokens=20 > every source
+    with caplog.at_level("WARNING", logger="kd_flax.pseudo_labels"):
+        m = G.run(config(d, max_new_tokens=6), tmp_path, generate_fn=fake_generate, load_fn=make_loader(),
+                  progress=False)
+    # The fake copies the source (one token a word) then EOS: sources of ≥ 6 words never get one.
+    hit = sum(len(src.split()) >= 6 for src, _ in good.values())
+    assert 0 < hit < len(good)
+    c = m["counts"]
+    assert (c["hit_max_new_tokens"], c["hit_max_new_tokens_share"]) == (hit, pytest.approx(hit / 42))
+    assert sum(io_utils.read_json(tmp_path / "generate" / f"{n}.stats.json")["hit_max_new_tokens"]
+               for n in m["shards"]) == hit
+    assert f"{hit} of 42 pseudo-labels" in caplog.text and "max_new_tokens without EOS" in caplog.text
+
+
+def test_progress_lines_without_a_bar(setup, tmp_path, caplog, monkeypatch):
+    """No bar (progress=False, or stderr not a terminal): a line on `kd_flax.progress` every
+    PROGRESS_EVERY_S seconds with sentences done/total, sentences/s, target tokens/s and ETA."""
+    from kd_flax import metrics
+    d, good = setup
+    monkeypatch.setattr(metrics, "PROGRESS_EVERY_S", 0.0)  # a line after every batch
+    with caplog.at_level("INFO", logger=metrics.PROGRESS_LOGGER):
+        G.run(config(d), tmp_path / "a", generate_fn=fake_generate, load_fn=make_loader(), progress=False)
+    lines = [r.getMessage() for r in caplog.records if r.name == metrics.PROGRESS_LOGGER]
+    pat = (r"generate: (\d+)/42 sentences \([\d.]+%\), ([\d.]+) sentences/s, (\d+) target tokens/s, "
+           r"ETA (\d+h \d\dm \d\ds|\?)$")
+    done = [int(re.match(pat, ln)[1]) for ln in lines]
+    assert done == sorted(done) and done[-1] == 42 and len(done) > 5, lines
+    caplog.clear()
+    with caplog.at_level("INFO", logger=metrics.PROGRESS_LOGGER):  # a bar instead
+        G.run(config(d), tmp_path / "b", generate_fn=fake_generate, load_fn=make_loader(), progress=True)
+    assert not [r for r in caplog.records if r.name == metrics.PROGRESS_LOGGER]
+
+
+def test_progress_log_every_n_seconds(caplog):
+    from kd_flax import metrics
+    now = [0.0]
+    p = metrics.ProgressLog(100, "job", every_s=30, clock=lambda: now[0])
+    with caplog.at_level("INFO", logger=metrics.PROGRESS_LOGGER):
+        for t, n in ((10, 10), (29, 10), (40, 20), (50, 10)):
+            now[0] = t
+            p.add(n, 5 * n)
+    assert [r.getMessage() for r in caplog.records] == [
+        "job: 40/100 sentences (40.0%), 1.0 sentences/s, 5 target tokens/s, ETA 0h 01m 00s"]
+    assert not metrics.ProgressLog(1, "x", enabled=False, every_s=0).add(1, 1)
 
 
 # ----------------------------------------------------------------------------- multi-host

@@ -2,12 +2,14 @@
 NaN guard, checkpoint contents, fake quantization."""
 
 import os
+import re
 import signal
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
@@ -274,6 +276,34 @@ def test_make_optimizer_and_schedules():
     assert np.isfinite(float(m["loss"][0]))
 
 
+def test_adafactor_decay_rate_not_adam_b2():
+    """Adafactor's decay_rate is its own key (optax's 0.8 by default), not AdamW's b2 (0.98)."""
+    params = {"w": jnp.ones((4, 3)), "b": jnp.zeros((3,))}
+    grads = [jax.tree.map(lambda x, i=i: jnp.full_like(x, 0.1 * (i + 1)) + jnp.arange(x.size).reshape(x.shape) * 0.01,
+                          params) for i in range(4)]
+
+    def run(tx):
+        p, st, out = params, tx.init(params), []
+        for g in grads:
+            u, st = tx.update(g, st, p)
+            p = optax.apply_updates(p, u)
+            out.append(p)
+        return out
+
+    def close(a, b):
+        return all(np.allclose(x, y, rtol=1e-6) for pa, pb in zip(a, b)
+                   for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)))
+
+    base = {"optimizer.name": "adafactor", "optimizer.weight_decay": 0.0, "optimizer.grad_clip_norm": 0.0,
+            "optimizer.warmup_steps": 0, "optimizer.schedule": "constant"}
+    sched = T.make_schedule(tcfg(**base)["optimizer"], 10)
+    ref = run(optax.adafactor(sched, decay_rate=0.8))
+    assert close(run(T.make_optimizer(tcfg(**base))), ref)  # b2=0.98 in the block: unused
+    assert not close(run(optax.adafactor(sched, decay_rate=0.98)), ref)  # the check can tell
+    assert close(run(T.make_optimizer(tcfg(**base, **{"optimizer.decay_rate": 0.5}))),
+                 run(optax.adafactor(sched, decay_rate=0.5)))
+
+
 # ---------------------------------------------------------------------------- checkpoints
 
 
@@ -343,6 +373,24 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, plain):
     res2 = T.train(step, T.init_train_state(params_of(student), cfg), tcfg(steps=7), workdir=str(tmp_path),
                    batches=inner, progress=False)
     assert res2.start_step == 5 and len(res2.losses) == 2
+
+
+def test_log_lines_report_steps_and_target_tokens_per_s(tmp_path, plain):
+    """Without a bar on a terminal, every log_every steps (and the last) a line with steps/s and
+    target tokens/s (non-pad labels of real rows)."""
+    student, _, step = plain
+    b = rand_batch(0)
+    b["loss_mask"][0] = 0  # a pad row
+    assert T.target_tokens(b) == int(b["decoder_attention_mask"][1:].sum()) > 0
+    assert T.target_tokens({"decoder_attention_mask": b["decoder_attention_mask"]}) == \
+        int(b["decoder_attention_mask"].sum())
+    lines = []
+    T.train(step, T.init_train_state(params_of(student), tcfg(steps=7)), tcfg(steps=7), workdir=str(tmp_path),
+            batches=_batches_fn(_examples(), tcfg(steps=7)), progress=False, log=lines.append)
+    assert [ln.split(":")[0] for ln in lines] == ["step 5/7", "step 7/7"]
+    for ln in lines:
+        rates = re.search(r"loss=[\d.]+, ([\d.]+) steps/s, (\d+) target tokens/s$", ln)
+        assert rates and float(rates[1]) > 0 and int(rates[2]) > float(rates[1]), ln
 
 
 # ---------------------------------------------------------------------------- fake quantization
