@@ -5,18 +5,22 @@
 The task (`kd_flax.synthetic`) has three valid translations per source; the gold data mixes
 them at random, the teacher's pseudo-labels commit to one — the setting where SeqKD is
 known to help (Zhou et al., 2020). A T5 teacher is trained from scratch, writes greedy
-pseudo-labels for every training source, and five students are trained: on gold, on
-SeqKD, SeqKD → gold, and SeqKD under W8A8 and W4A8 fake quantization (exported to
-integers). `report.md` and `report.png` compare them.
+pseudo-labels for every training source, and six students are trained: on gold, on
+SeqKD, SeqKD → gold, SeqKD → on-policy (the last third of the steps on the student's own
+samples, scored by the teacher), and SeqKD under W8A8 and W4A8 fake quantization
+(exported to integers). `report.md` and `report.png` compare them.
 
-Argument `tiny`: a smaller, faster version (what the tests run).
+Argument `tiny`: a smaller, faster version (what the tests run). Argument `ct2` (needs
+`pip install -e '.[deploy]'`): the W8A8 student is also converted to CTranslate2 int8 and
+scored by CTranslate2, beside a `seqkd_ct2int8` student trained under CTranslate2's own int8
+scheme (`student.quant.scheme=ctranslate2_int8`) — how much BLEU each loses in conversion.
 """
 
 from kd_flax import config_base
 
 
 def get_config(arg=None):
-    args = config_base.parse_arg(arg, ("tiny", "mesh"), recipe="configs/demo_cpu.py")
+    args = config_base.parse_arg(arg, ("tiny", "mesh", "ct2"), recipe="configs/demo_cpu.py")
     tiny = "tiny" in args
     c = config_base.base_config()
     c.name = "demo_cpu" + ("_tiny" if tiny else "")
@@ -79,5 +83,13 @@ def get_config(arg=None):
                                                {"targets": "gold", "steps": gold_steps}]}},
         "seqkd_w8a8": {"student": {"quant": {"weight_bits": 8, "act_bits": 8}}},
         "seqkd_w4a8": {"student": {"quant": {"weight_bits": 4, "act_bits": 8}}},
+        # SeqKD, then on-policy (generalized KD, beta 0.5) for the last third: the same total steps.
+        "seqkd_onpolicy": {"distill": {"stages": [{"targets": "pseudo", "steps": steps - steps // 3},
+                                                  {"targets": "student", "steps": steps // 3}]}},
     }
+    if "ct2" in args:
+        c.variants["seqkd_w8a8"]["export"] = {"ctranslate2": "int8"}
+        c.variants["seqkd_ct2int8"] = {"student": {"quant": {"weight_bits": 8, "act_bits": 8,
+                                                             "scheme": "ctranslate2_int8"}},
+                                       "export": {"ctranslate2": "int8"}}
     return c

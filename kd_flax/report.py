@@ -141,7 +141,7 @@ def _rows(wd: Workdir) -> list[dict]:
                 size_mb = summary["int_bytes"] / 2**20
             speed = m.get("speed") or {}
             rows.append({
-                "model": label if label and mname == "student" else mname,
+                "model": _row_name(label, mname),
                 "parameters": m.get("parameters", 0),
                 "size (MB)": round(size_mb, 3),
                 "weights": f"int{bits}" if bits else "fp32",
@@ -151,6 +151,14 @@ def _rows(wd: Workdir) -> list[dict]:
                 "_bleu": m["bleu"]["mean"], "_size": size_mb,
             })
     return rows
+
+
+def _row_name(variant: str, model: str) -> str:
+    """A variant's student rows carry the variant's name: `seqkd_w8a8`, `seqkd_w8a8_ct2_int8`
+    (the CTranslate2 conversion of that student); top-level rows keep the model's name."""
+    if variant and model.startswith("student"):
+        return variant + model[len("student"):]
+    return model
 
 
 def _mean_std(m: dict) -> str:

@@ -357,3 +357,12 @@ def test_dev_evaluator_decodes_current_params_with_one_translator(monkeypatch):
     fresh = translate.Translator(nnx.merge(graphdef, other, rest), tok, dict(max_new_tokens=6, num_beams=1),
                                  batch_size=4, max_source_length=16, bucket_boundaries=(8,))
     assert decoded[1] == real_translate(fresh, texts[:5]) and decoded[0] == decoded[2] != decoded[1]
+
+
+def test_report_rows_name_each_variants_ct2_conversion():
+    """Two variants with a CTranslate2 row each: the rows are told apart by the variant."""
+    from kd_flax import report
+    assert report._row_name("seqkd_w8a8", "student_ct2_int8") == "seqkd_w8a8_ct2_int8"
+    assert report._row_name("seqkd_w8a8", "student") == "seqkd_w8a8"
+    assert report._row_name("", "student_ct2_int8") == "student_ct2_int8"
+    assert report._row_name("seqkd", "teacher") == "teacher"
