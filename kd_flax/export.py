@@ -121,11 +121,13 @@ def student_to_ctranslate2(model, tokenizer, out_dir, quantization: str) -> str:
 
 def ct2_translate(ct2_dir, tokenizer, texts, *, num_beams: int, max_new_tokens: int, batch_size: int,
                   max_source_length: int, source_prefix: str = "", forced_bos_token_id=None,
-                  meter=None, compute_type: str = "default") -> list[str]:
+                  min_new_tokens: int = 0, meter=None, compute_type: str = "default") -> list[str]:
     """`texts` translated by CTranslate2 (CPU) with kd_flax's decoding settings: the same source
     ids (`data.encode_texts`: prefix, truncation, final EOS), beam size, `max_new_tokens`,
-    length penalty 1, batches of `batch_size` in input order; the best hypothesis decoded with
-    `skip_special_tokens`. `meter` (`metrics.SpeedMeter`) gets each batch's sentences, tokens
+    `min_new_tokens` (CTranslate2's `min_decoding_length`, whose default 1 would forbid an EOS
+    first where kd_flax and transformers allow it), length penalty 1, batches of `batch_size`
+    in input order; `forced_bos_token_id` as CTranslate2's `target_prefix` (mBART's target
+    language code); the best hypothesis decoded with `skip_special_tokens`. `meter` (`metrics.SpeedMeter`) gets each batch's sentences, tokens
     and wall time (no batch compiles: CTranslate2 has no compile step)."""
     import time
 
@@ -140,7 +142,8 @@ def ct2_translate(ct2_dir, tokenizer, texts, *, num_beams: int, max_new_tokens: 
                   else [tokenizer.convert_ids_to_tokens([int(forced_bos_token_id)])] * len(chunk))
         t0 = time.perf_counter()
         res = tr.translate_batch(chunk, target_prefix=prefix, beam_size=num_beams,
-                                 max_decoding_length=max_new_tokens, length_penalty=1.0)
+                                 max_decoding_length=max_new_tokens, min_decoding_length=min_new_tokens,
+                                 length_penalty=1.0)
         seconds = time.perf_counter() - t0
         hyps = [tokenizer.convert_tokens_to_ids(r.hypotheses[0]) for r in res]
         out.extend(t.strip() for t in tokenizer.batch_decode(hyps, skip_special_tokens=True))
