@@ -68,13 +68,27 @@ def to_ctranslate2(hf_dir, out_dir, quantization: str = "int8") -> str:
         _ct2_config_fixups(src)
         files = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))]
         conv = ct2.converters.TransformersConverter(src, copy_files=files)
+        local = os.path.join(tmp, "ct2") if io_utils.is_remote(out_dir) else os.fspath(out_dir)
+        conv.convert(local, quantization=quantization, force=True)
+        _ct2_decoder_start_fixup(local, io_utils.read_json(os.path.join(src, "config.json")))
         if io_utils.is_remote(out_dir):
-            conv.convert(os.path.join(tmp, "ct2"), quantization=quantization, force=True)
             io_utils.rmtree(out_dir)
-            io_utils.copy_tree(os.path.join(tmp, "ct2"), out_dir)
-        else:
-            conv.convert(os.fspath(out_dir), quantization=quantization, force=True)
+            io_utils.copy_tree(local, out_dir)
     return str(out_dir)
+
+
+def _ct2_decoder_start_fixup(ct2_dir: str, hf_cfg: dict) -> None:
+    """mBART: CTranslate2's loader writes no decoder start token unless `config.json` names a
+    tokenizer class other than `MBartTokenizer` (kd_flax's names none), so CT2 would start the
+    decoder from the first `target_prefix` token (mBART-25's language code) where transformers
+    and kd_flax start from `decoder_start_token_id` (mBART-50: `</s>`, then the language code
+    forced as the first token, which CT2 takes as `target_prefix`). Writes that start token."""
+    start = hf_cfg.get("decoder_start_token_id")
+    if hf_cfg.get("model_type") != "mbart" or start is None:
+        return
+    vocab = io_utils.read_json(os.path.join(ct2_dir, "shared_vocabulary.json"))
+    path = os.path.join(ct2_dir, "config.json")
+    io_utils.atomic_write_json(path, {**io_utils.read_json(path), "decoder_start_token": vocab[int(start)]})
 
 
 # fairseq-era keys CTranslate2's BART loader reads from config.json (facebook/bart-* and
