@@ -35,10 +35,12 @@ def _tokenizer(model_type: str):
 def _config(model_type: str, tok):
     from kd_flax import models
     v = len(tok)
-    common = dict(vocab_size=v, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    if model_type == "t5":  # asymmetric depths (the shape CTranslate2 issue 847 reports)
-        return models.tiny_config("t5", encoder_layers=2, decoder_layers=1, decoder_start_token_id=tok.pad_token_id,
-                                  **common)
+    # Asymmetric depths (the shape CTranslate2 issue 847 reports); one decoder layer also keeps
+    # the train step's compile short.
+    common = dict(vocab_size=v, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                  encoder_layers=2, decoder_layers=1)
+    if model_type == "t5":
+        return models.tiny_config("t5", decoder_start_token_id=tok.pad_token_id, **common)
     if model_type == "marian":
         return models.tiny_config("marian", decoder_start_token_id=tok.pad_token_id, forced_eos_token_id=None,
                                   **common)
