@@ -180,7 +180,7 @@ def run(config, workdir, *, load_fn: Callable | None = None,
         mesh, rules = shd.mesh_from_config(config.mesh)
         load_fn = lambda p: _load(p, config, mesh, rules)  # noqa: E731
 
-    from kd_flax import export
+    from kd_flax import decoding, export
     ct2_quant = export.ctranslate2_setting(config) if "student" in dirs else ""
     if ct2_quant:
         export.import_ctranslate2()  # fail before any decoding
@@ -257,7 +257,7 @@ def _score_ct2(results, model, tokenizer, quantization, data, config, out_dir, w
     itself) and decoded by CTranslate2 on CPU with the same settings as kd_flax's rows; size is
     `model.bin` on disk."""
     import jax
-    from kd_flax import export
+    from kd_flax import decoding, export
     ev = config.evaluate
     name = f"student_ct2_{quantization}"
     ct2_dir = os.path.join(out_dir, "ct2")
@@ -267,11 +267,14 @@ def _score_ct2(results, model, tokenizer, quantization, data, config, out_dir, w
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("kd_flax evaluate ct2")
     meter = SpeedMeter()
+    # kd_flax's minimum length (generation_config's min_length / min_new_tokens; 0 by default)
+    min_new = decoding.resolve_settings(model, max_new_tokens=ev.max_new_tokens).min_new_tokens
     translate = lambda src: export.ct2_translate(  # noqa: E731
         ct2_dir, tokenizer, src, num_beams=ev.num_beams, max_new_tokens=ev.max_new_tokens,
         batch_size=ev.batch_size, max_source_length=config.data.max_source_length,
         source_prefix=config.data.source_prefix,
-        forced_bos_token_id=getattr(model.config, "forced_bos_token_id", None), meter=meter)
+        forced_bos_token_id=getattr(model.config, "forced_bos_token_id", None), min_new_tokens=min_new,
+        meter=meter)
     bleu, chrf, per_split, sigs = _score(translate, data, name, config, out_dir if writer else None)
     row = _model_row(ct2_dir, results["models"]["student"]["parameters"],
                      export.dir_bytes(os.path.join(ct2_dir, "model.bin")), export.ct2_quant_bits(quantization),

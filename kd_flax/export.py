@@ -68,13 +68,27 @@ def to_ctranslate2(hf_dir, out_dir, quantization: str = "int8") -> str:
         _ct2_config_fixups(src)
         files = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))]
         conv = ct2.converters.TransformersConverter(src, copy_files=files)
+        local = os.path.join(tmp, "ct2") if io_utils.is_remote(out_dir) else os.fspath(out_dir)
+        conv.convert(local, quantization=quantization, force=True)
+        _ct2_decoder_start_fixup(local, io_utils.read_json(os.path.join(src, "config.json")))
         if io_utils.is_remote(out_dir):
-            conv.convert(os.path.join(tmp, "ct2"), quantization=quantization, force=True)
             io_utils.rmtree(out_dir)
-            io_utils.copy_tree(os.path.join(tmp, "ct2"), out_dir)
-        else:
-            conv.convert(os.fspath(out_dir), quantization=quantization, force=True)
+            io_utils.copy_tree(local, out_dir)
     return str(out_dir)
+
+
+def _ct2_decoder_start_fixup(ct2_dir: str, hf_cfg: dict) -> None:
+    """mBART: CTranslate2's loader writes no decoder start token unless `config.json` names a
+    tokenizer class other than `MBartTokenizer` (kd_flax's names none), so CT2 would start the
+    decoder from the first `target_prefix` token (mBART-25's language code) where transformers
+    and kd_flax start from `decoder_start_token_id` (mBART-50: `</s>`, then the language code
+    forced as the first token, which CT2 takes as `target_prefix`). Writes that start token."""
+    start = hf_cfg.get("decoder_start_token_id")
+    if hf_cfg.get("model_type") != "mbart" or start is None:
+        return
+    vocab = io_utils.read_json(os.path.join(ct2_dir, "shared_vocabulary.json"))
+    path = os.path.join(ct2_dir, "config.json")
+    io_utils.atomic_write_json(path, {**io_utils.read_json(path), "decoder_start_token": vocab[int(start)]})
 
 
 # fairseq-era keys CTranslate2's BART loader reads from config.json (facebook/bart-* and
@@ -121,11 +135,13 @@ def student_to_ctranslate2(model, tokenizer, out_dir, quantization: str) -> str:
 
 def ct2_translate(ct2_dir, tokenizer, texts, *, num_beams: int, max_new_tokens: int, batch_size: int,
                   max_source_length: int, source_prefix: str = "", forced_bos_token_id=None,
-                  meter=None, compute_type: str = "default") -> list[str]:
+                  min_new_tokens: int = 0, meter=None, compute_type: str = "default") -> list[str]:
     """`texts` translated by CTranslate2 (CPU) with kd_flax's decoding settings: the same source
     ids (`data.encode_texts`: prefix, truncation, final EOS), beam size, `max_new_tokens`,
-    length penalty 1, batches of `batch_size` in input order; the best hypothesis decoded with
-    `skip_special_tokens`. `meter` (`metrics.SpeedMeter`) gets each batch's sentences, tokens
+    `min_new_tokens` (CTranslate2's `min_decoding_length`, whose default 1 would forbid an EOS
+    first where kd_flax and transformers allow it), length penalty 1, batches of `batch_size`
+    in input order; `forced_bos_token_id` as CTranslate2's `target_prefix` (mBART's target
+    language code); the best hypothesis decoded with `skip_special_tokens`. `meter` (`metrics.SpeedMeter`) gets each batch's sentences, tokens
     and wall time (no batch compiles: CTranslate2 has no compile step)."""
     import time
 
@@ -140,7 +156,8 @@ def ct2_translate(ct2_dir, tokenizer, texts, *, num_beams: int, max_new_tokens: 
                   else [tokenizer.convert_ids_to_tokens([int(forced_bos_token_id)])] * len(chunk))
         t0 = time.perf_counter()
         res = tr.translate_batch(chunk, target_prefix=prefix, beam_size=num_beams,
-                                 max_decoding_length=max_new_tokens, length_penalty=1.0)
+                                 max_decoding_length=max_new_tokens, min_decoding_length=min_new_tokens,
+                                 length_penalty=1.0)
         seconds = time.perf_counter() - t0
         hyps = [tokenizer.convert_tokens_to_ids(r.hypotheses[0]) for r in res]
         out.extend(t.strip() for t in tokenizer.batch_decode(hyps, skip_special_tokens=True))

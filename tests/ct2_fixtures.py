@@ -1,6 +1,7 @@
 """Tiny *trained* students for the CTranslate2 tests: a tokenizer trained on a toy copy task,
-a student per family (T5 with asymmetric depths, BART, Marian) trained a few dozen steps so
-its next-token distributions are peaked, saved as an HF dir. ``from tests.ct2_fixtures import
+a student per family (T5 with asymmetric depths, BART, Marian, mBART-50 style with a target
+language code) trained a few dozen steps so its next-token distributions are peaked, saved as
+an HF dir. ``from tests.ct2_fixtures import
 trained_student``."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import os
 
 import numpy as np
 
+LANG = "fr_XX"  # the mBART student's target-language code (forced as the first token)
 WORDS = [a + b for a in ("ka", "lo", "mi", "nu", "pe", "ri") for b in ("s", "t", "n", "r", "x")]
 
 
@@ -27,27 +29,35 @@ def _tokenizer(model_type: str):
                               special_tokens={"pad_token": "</s>", "eos_token": "</s>"})
         tok.add_special_tokens({"pad_token": "<pad>"})
         return tok
-    return train_tokenizer(texts, 48, kind="bpe", style="bart")
+    return train_tokenizer(texts, 48, kind="bpe", style="bart", extra_tokens=[LANG] if model_type == "mbart" else ())
 
 
 def _config(model_type: str, tok):
     from kd_flax import models
     v = len(tok)
-    common = dict(vocab_size=v, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    if model_type == "t5":  # asymmetric depths (the shape CTranslate2 issue 847 reports)
-        return models.tiny_config("t5", encoder_layers=2, decoder_layers=1, decoder_start_token_id=tok.pad_token_id,
-                                  **common)
+    # Asymmetric depths (the shape CTranslate2 issue 847 reports); one decoder layer also keeps
+    # the train step's compile short.
+    common = dict(vocab_size=v, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                  encoder_layers=2, decoder_layers=1)
+    if model_type == "t5":
+        return models.tiny_config("t5", decoder_start_token_id=tok.pad_token_id, **common)
     if model_type == "marian":
         return models.tiny_config("marian", decoder_start_token_id=tok.pad_token_id, forced_eos_token_id=None,
                                   **common)
-    return models.tiny_config("bart", bos_token_id=tok.bos_token_id, decoder_start_token_id=tok.eos_token_id,
-                              forced_bos_token_id=None, forced_eos_token_id=None, **common)
+    # mBART-50: decoding starts from </s>, the language code is forced as the first token.
+    lang = tok.convert_tokens_to_ids(LANG) if model_type == "mbart" else None
+    return models.tiny_config(model_type, bos_token_id=tok.bos_token_id, decoder_start_token_id=tok.eos_token_id,
+                              forced_bos_token_id=lang, forced_eos_token_id=None, **common)
 
 
-def batch_from_texts(tok, src, tgt, start_id: int, length: int = 10):
+def batch_from_texts(tok, src, tgt, start_id: int, length: int = 10, first_label=None):
+    """A copy-task batch; `first_label` replaces the target's first token (mBART: `<s>` -> the
+    language code, so the labels are `LANG X </s>` after the `</s>` start)."""
     enc = tok(src, padding="max_length", max_length=length, truncation=True, return_tensors="np")
     lab = tok(tgt, padding="max_length", max_length=length, truncation=True, return_tensors="np")
     labels = lab["input_ids"].astype(np.int32)
+    if first_label is not None:
+        labels[:, 0] = first_label
     mask = lab["attention_mask"].astype(np.int32)
     dec_in = np.concatenate([np.full((len(src), 1), start_id, np.int32), labels[:, :-1]], axis=1)
     labels = np.where(mask > 0, labels, 0)
@@ -77,24 +87,27 @@ def train_student(model_type: str, out_dir, *, steps: int = 60, quant=None, seed
     texts = corpus(32 * steps, seed + 1)
     for i in range(steps):
         src = texts[32 * i: 32 * (i + 1)]
-        b = batch_from_texts(tok, src, src, cfg.decoder_start_token_id)
+        b = batch_from_texts(tok, src, src, cfg.decoder_start_token_id, first_label=cfg.forced_bos_token_id)
         state, _ = step(state, b)
+        if model_type == "marian":  # trained with the zero start row CTranslate2 decodes from
+            state = state.replace(params=zero_pad_row(state.params, cfg.pad_token_id))
     nnx.update(model, state.params)
-    if model_type == "marian":
-        zero_pad_row(model, cfg.pad_token_id)
     if rules:
         nnx.update(model, quant_lib.quantize_params(nnx.state(model, nnx.Param), rules))
     models.save_pretrained(model, os.fspath(out_dir), tokenizer=tok)
     return model, tok
 
 
-def zero_pad_row(model, pad_id: int) -> None:
-    """HF Marian keeps its `<pad>` embedding row at zero (padding_idx) and CTranslate2 starts
-    Marian's decoder from a zero embedding; a kd_flax-trained row is not zero, so set it."""
-    for mod in (model, getattr(model, "encoder", None), getattr(model, "decoder", None)):
-        emb = getattr(mod, "embed_tokens", None)
-        if emb is not None:
-            emb.embedding[...] = emb.embedding[...].at[pad_id].set(0.0)
+def zero_pad_row(params, pad_id: int):
+    """`params` (an nnx.State) with every token table's `<pad>` row zeroed: HF Marian keeps it at
+    zero (padding_idx) and CTranslate2 starts Marian's decoder from a zero embedding; a
+    kd_flax-trained row is not zero, so training re-zeroes it after every step."""
+    import jax
+    from kd_flax.tree_paths import path_str
+
+    def fix(path, x):
+        return x.at[pad_id].set(0.0) if path_str(path).endswith("embed_tokens/embedding") else x
+    return jax.tree_util.tree_map_with_path(fix, params)
 
 
 def kd_flax_hyps(model, tok, src, beams):
@@ -110,10 +123,14 @@ def kd_flax_hyps(model, tok, src, beams):
     return hyps
 
 
-def ct2_hyps(ct2_dir, tok, src, beams, compute_type="float32"):
-    """CTranslate2's token ids per sentence for the same search."""
+def ct2_hyps(ct2_dir, tok, src, beams, compute_type="float32", forced_bos_token_id=None):
+    """CTranslate2's token ids per sentence for the same search (`min_decoding_length=0`: an EOS
+    first is allowed, as in kd_flax); `forced_bos_token_id` is passed as `target_prefix` and
+    stays in the hypothesis, where kd_flax has it too."""
     import ctranslate2
     tr = ctranslate2.Translator(str(ct2_dir), device="cpu", compute_type=compute_type)
     toks = [tok.convert_ids_to_tokens(x) for x in tok(src)["input_ids"]]
-    res = tr.translate_batch(toks, beam_size=beams, max_decoding_length=12, length_penalty=1.0)
+    prefix = None if forced_bos_token_id is None else [tok.convert_ids_to_tokens([forced_bos_token_id])] * len(toks)
+    res = tr.translate_batch(toks, target_prefix=prefix, beam_size=beams, max_decoding_length=12,
+                             min_decoding_length=0, length_penalty=1.0)
     return [tok.convert_tokens_to_ids(r.hypotheses[0]) for r in res]

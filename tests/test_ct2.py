@@ -9,13 +9,12 @@ ctranslate2 = pytest.importorskip("ctranslate2")
 from kd_flax import export  # noqa: E402
 from tests.ct2_fixtures import corpus, ct2_hyps, kd_flax_hyps, train_student  # noqa: E402
 
-FAMILIES = ("t5", "bart", "marian")
-STEPS = {"t5": 60, "bart": 60, "marian": 100}
-# Marian: CTranslate2 starts the decoder from a zero embedding and drops the <pad> row; with
-# the <pad> row zeroed kd_flax and CT2 agree on most sentences but not all yet (open: the
-# first sentence of this batch gets EOS first in CT2). strict: an unexpected pass fails.
-PARITY = [pytest.param(f, marks=pytest.mark.xfail(strict=True, reason="Marian divergence, open"))
-          if f == "marian" else f for f in FAMILIES]
+FAMILIES = ("t5", "bart", "marian", "mbart")
+STEPS = {"t5": 60, "bart": 60, "marian": 120, "mbart": 60}
+# Marian parity needs (1) kd_flax never generating <pad> (OPUS-MT's bad_words_ids, kd_flax's
+# Marian default: CTranslate2 drops that row), (2) the <pad> row zero while training (CT2
+# starts the decoder from a zero embedding), (3) CT2's min_decoding_length=0 (its default 1
+# forbids an EOS first). mBART: CT2 gets the language code as target_prefix after </s>.
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +28,16 @@ def students(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("family", PARITY)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_float32_greedy_token_for_token(students, family):
     model, tok, d = students[family]
     src = corpus(16, 99)
     kd = kd_flax_hyps(model, tok, src, 1)
-    assert any(len(h) > 2 for h in kd)  # a trained model, not EOS everywhere
-    assert ct2_hyps(d / "ct2", tok, src, 1) == kd
+    assert sum(len(h) > 2 for h in kd) >= 12, kd  # a trained model, not EOS everywhere
+    assert ct2_hyps(d / "ct2", tok, src, 1, forced_bos_token_id=getattr(model.config, "forced_bos_token_id", None)) == kd
 
 
-@pytest.mark.parametrize("family", PARITY)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_float32_beam4(students, family):
     # Beam search: both are HF-style beam search with length penalty 1, but CTranslate2 ends
     # a sentence's search when its top beam finishes, transformers/kd_flax (early_stopping=False)
@@ -47,7 +46,7 @@ def test_float32_beam4(students, family):
     model, tok, d = students[family]
     src = corpus(16, 99)
     kd = kd_flax_hyps(model, tok, src, 4)
-    ct = ct2_hyps(d / "ct2", tok, src, 4)
+    ct = ct2_hyps(d / "ct2", tok, src, 4, forced_bos_token_id=getattr(model.config, "forced_bos_token_id", None))
     same = sum(a == b for a, b in zip(kd, ct))
     assert same >= (16 if family == "t5" else 15), list(zip(kd, ct))
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from flax import nnx
 
-from kd_flax import models, sharding
+from kd_flax import decoding, models, sharding
 from kd_flax.models import bart, hf, layers
 from tests.model_fixtures import make_batch, make_hf_model, rel_err, to_np, torch_forward
 
@@ -239,6 +239,11 @@ def test_config_round_trip_and_errors():
                                      bad_words_ids=[[98]]))
     assert c.to_hf()["num_beams"] == 4
     assert models.create_model(c).generation_config["bad_words_ids"] == [[98]]
+    # Marian never generates <pad> by default (CTranslate2 cannot: it drops that row); BART may
+    assert models.create_model(models.tiny_config("marian")).generation_config["bad_words_ids"] == [[98]]
+    assert decoding.resolve_settings(models.create_model(models.tiny_config("marian")),
+                                     max_new_tokens=2).suppress_tokens == (98,)
+    assert "bad_words_ids" not in models.create_model(models.tiny_config("bart")).generation_config
     # mBART with no decoder_start_token_id starts from </s>
     assert bart.BartConfig.from_hf(dict(models.tiny_config("mbart").to_hf(),
                                         decoder_start_token_id=None)).decoder_start_token_id == 2

@@ -382,10 +382,15 @@ class BartModel(layers.GenerationConfigMixin, nnx.Module):
 def generation_defaults(c: BartConfig) -> dict:
     """HF generation defaults derivable from the model config (replaced by
     `generation_config.json` when a checkpoint is loaded). OPUS-MT configs also carry
-    beam settings (`num_beams`, `max_length`, `bad_words_ids`) in `config.json`."""
+    beam settings (`num_beams`, `max_length`, `bad_words_ids`) in `config.json`.
+    Marian never generates `<pad>` unless the config says otherwise: OPUS-MT checkpoints carry
+    `bad_words_ids=[[pad_token_id]]` (the `<pad>` row is transformers' addition, the decoder-start
+    slot, not a Marian vocabulary entry), and CTranslate2 drops that row, so it cannot emit it."""
     out = hf.generation_defaults(c)
     if c.bos_token_id is None:
         out.pop("bos_token_id", None)
+    if c.model_type == "marian":
+        out["bad_words_ids"] = [[c.pad_token_id]]
     extra = {k: json.loads(v) for k, v in c.hf_extra}
     for k in ("num_beams", "max_length", "bad_words_ids", "length_penalty",
               "no_repeat_ngram_size", "early_stopping", "min_length"):
