@@ -210,7 +210,7 @@ def test_cli_config_mistakes_are_one_line_exit_2(tmp_path):
 
 def test_unknown_variant_is_refused(tmp_path):
     c = load_recipe("demo_cpu", "tiny")
-    with pytest.raises(config_base.ConfigError, match=r"--variants: nosuch not in the config; allowed: gold, seqkd, seqkd_then_gold"):
+    with pytest.raises(config_base.ConfigError, match=r"--variants: nosuch not in the config; allowed: gold, seqkd, seqkd_onpolicy, seqkd_then_gold, seqkd_w4a8"):
         main.run("distill", c, str(tmp_path), variants=["nosuch"])
 
 
