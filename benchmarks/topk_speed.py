@@ -25,7 +25,7 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from train_speed import make_batch, shapes, time_steps  # noqa: E402
+from train_speed import make_batch, shapes, step_args, step_config, time_train_step  # noqa: E402
 
 MiB = 2 ** 20
 
@@ -42,8 +42,6 @@ def cached_topk(batch, vocab: int, k: int, seed=1):
 
 
 def run_variant(args, variant: str) -> dict:
-    import jax
-    import ml_collections
     from flax import nnx
 
     from kd_flax import models, train
@@ -51,13 +49,8 @@ def run_variant(args, variant: str) -> dict:
     s_kw, t_kw = shapes(args.small)
     batch = make_batch(args, s_kw["vocab_size"])
     student = models.create_model(models.T5Config(**s_kw, dropout_rate=0.0), nnx.Rngs(1))
-    cfg = ml_collections.ConfigDict({
-        "steps": 1000, "grad_accum": 1,
-        "optimizer": {"name": "adamw", "learning_rate": 1e-4, "warmup_steps": 0, "schedule": "constant",
-                      "weight_decay": 0.01, "grad_clip_norm": 1.0, "b1": 0.9, "b2": 0.999},
-        "loss": {"ce_weight": 1.0, "kd_weight": 1.0, "kd_type": "topk", "topk": args.k,
-                 "temperature": args.temperature, "teacher": variant},
-    })
+    cfg = step_config({"ce_weight": 1.0, "kd_weight": 1.0, "kd_type": "topk", "topk": args.k,
+                       "temperature": args.temperature, "teacher": variant})
     if variant == "online":
         teacher = models.create_model(models.T5Config(**t_kw, dropout_rate=0.0), nnx.Rngs(0))
         tp = nnx.state(teacher, nnx.Param)
@@ -65,32 +58,17 @@ def run_variant(args, variant: str) -> dict:
         teacher, tp = None, None
         batch.update(cached_topk(batch, s_kw["vocab_size"], args.k))
     step = train.make_train_step(student, cfg, teacher=teacher)
-    state = [train.init_train_state(nnx.state(student, nnx.Param), cfg)]
-    del student
-    dev_batch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
-
-    def one():
-        state[0], m = step(state[0], dev_batch, tp)
-        jax.block_until_ready(m)
-        return m
-
-    first, med = time_steps(one, args.warmup, args.steps)
-    mem = step._jitted.lower(state[0], dev_batch, tp).compile().memory_analysis()
+    first, med, m, compiled = time_train_step(args, step, student, cfg, batch, tp)
+    mem = compiled.memory_analysis()
     xla_peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                 - mem.alias_size_in_bytes)
-    return {"first_s": first, "step_s": med, "loss": float(one()["loss"][0]), "xla_peak": xla_peak,
+    return {"first_s": first, "step_s": med, "loss": float(m["loss"][0]), "xla_peak": xla_peak,
             "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--small", action="store_true", help="tiny shapes for a smoke run")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--src_len", type=int, default=32)
-    p.add_argument("--tgt_len", type=int, default=32)
+    p = step_args(__doc__)
     p.add_argument("--k", type=int, default=8, help="top-k size (loss.topk / generate.store_topk)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps (the first compiles)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--variant", choices=("online", "cached"), help=argparse.SUPPRESS)  # the child process
     args = p.parse_args()
