@@ -82,7 +82,6 @@ def train_student(model_type: str, out_dir, *, steps: int = 60, quant=None, seed
     block.optimizer.learning_rate, block.optimizer.warmup_steps = 1e-2, 5
     block.loss.label_smoothing = 0.0
     block.steps = steps
-    block.on_policy.max_new_tokens = 10  # the base config's 0 means data.max_target_length, resolved by stages
     step = train.make_train_step(model, block, quant_rules=rules)
     state = train.init_train_state(nnx.state(model, nnx.Param), block)
     texts = corpus(32 * steps, seed + 1)
