@@ -64,30 +64,24 @@ def time_steps(fn, warmup: int, steps: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
-def bench_kd_flax(args, s_kw, t_kw, batch, *, w8a8: bool, on_policy: bool = False):
-    import jax
+def step_config(loss: dict):
+    """The benchmarks' train block: AdamW, constant LR, clipping, the given `loss` block."""
     import ml_collections
-    from flax import nnx
-
-    from kd_flax import models, quant, train
-
-    teacher = models.create_model(models.T5Config(**t_kw, dropout_rate=0.0), nnx.Rngs(0))
-    s_cfg = models.T5Config(**s_kw, dropout_rate=0.0, act_quant_bits=8 if w8a8 else None)
-    student = models.create_model(s_cfg, nnx.Rngs(1))
-    cfg = ml_collections.ConfigDict({
+    return ml_collections.ConfigDict({
         "steps": 1000, "grad_accum": 1,
         "optimizer": {"name": "adamw", "learning_rate": 1e-4, "warmup_steps": 0, "schedule": "constant",
                       "weight_decay": 0.01, "grad_clip_norm": 1.0, "b1": 0.9, "b2": 0.999},
-        "loss": {"ce_weight": 1.0, "kd_weight": 1.0, "kd_type": "kl", "temperature": args.temperature},
+        "loss": loss,
     })
-    if on_policy:  # every step on-policy, samples as long as the off-policy targets
-        cfg.on_policy = {"lmbda": 1.0, "beta": 0.5, "max_new_tokens": args.tgt_len}
-    rules = quant.rules_for(student, {"weight_bits": 8 if w8a8 else 0})
-    step = train.make_train_step(student, cfg, teacher=teacher, quant_rules=rules)
-    tp = nnx.state(teacher, nnx.Param)
-    sample_s = time_sampling(args, student, batch) if on_policy else None
+
+
+def time_train_step(args, step, student, cfg, batch, tp):
+    """(first s, median s, last metrics, the compiled step) of `step` from `student`'s params."""
+    import jax
+    from flax import nnx
+
+    from kd_flax import train
     state = [train.init_train_state(nnx.state(student, nnx.Param), cfg)]
-    del student
     dev_batch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
 
     def one():
@@ -96,9 +90,28 @@ def bench_kd_flax(args, s_kw, t_kw, batch, *, w8a8: bool, on_policy: bool = Fals
         return m
 
     first, med = time_steps(one, args.warmup, args.steps)
-    loss = float(one()["loss"][0])
+    return first, med, one(), step._jitted.lower(state[0], dev_batch, tp).compile()
+
+
+def bench_kd_flax(args, s_kw, t_kw, batch, *, w8a8: bool, on_policy: bool = False):
+    from flax import nnx
+
+    from kd_flax import models, quant, train
+
+    teacher = models.create_model(models.T5Config(**t_kw, dropout_rate=0.0), nnx.Rngs(0))
+    s_cfg = models.T5Config(**s_kw, dropout_rate=0.0, act_quant_bits=8 if w8a8 else None)
+    student = models.create_model(s_cfg, nnx.Rngs(1))
+    cfg = step_config({"ce_weight": 1.0, "kd_weight": 1.0, "kd_type": "kl", "temperature": args.temperature})
+    if on_policy:  # every step on-policy, samples as long as the off-policy targets
+        cfg.on_policy = {"lmbda": 1.0, "beta": 0.5, "max_new_tokens": args.tgt_len}
+    rules = quant.rules_for(student, {"weight_bits": 8 if w8a8 else 0})
+    step = train.make_train_step(student, cfg, teacher=teacher, quant_rules=rules)
+    tp = nnx.state(teacher, nnx.Param)
+    sample_s = time_sampling(args, student, batch) if on_policy else None
+    first, med, m, compiled = time_train_step(args, step, student, cfg, batch, tp)
+    loss = float(m["loss"][0])
     # the step's work as XLA counts it, for the floor printed at the end
-    cost = step._jitted.lower(state[0], dev_batch, tp).compile().cost_analysis()
+    cost = compiled.cost_analysis()
     flops = (cost[0] if isinstance(cost, list) else cost).get("flops", 0.0)
     return first, med, loss, flops, sample_s
 
@@ -181,14 +194,20 @@ def bench_torch(args, s_kw, t_kw, batch):
     return first, med, one()
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def step_args(doc: str) -> argparse.ArgumentParser:
+    """The arguments every train-step benchmark takes: shapes, batch, timed and untimed steps."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="tiny shapes for a smoke run")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--src_len", type=int, default=32)
     p.add_argument("--tgt_len", type=int, default=32)
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (the first compiles)")
+    return p
+
+
+def main():
+    p = step_args(__doc__)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--skip", default="", help="comma list of: torch, float, w8a8, on_policy")

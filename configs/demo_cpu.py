@@ -14,13 +14,15 @@ Argument `tiny`: a smaller, faster version (what the tests run). Argument `ct2` 
 `pip install -e '.[deploy]'`): the W8A8 student is also converted to CTranslate2 int8 and
 scored by CTranslate2, beside a `seqkd_ct2int8` student trained under CTranslate2's own int8
 scheme (`student.quant.scheme=ctranslate2_int8`) — how much BLEU each loses in conversion.
+Argument `topk`: the teacher job also stores its top-8 log-probs per pseudo-label token, and
+two students train SeqKD + top-8 word-level KD, one with the teacher online, one from the cache.
 """
 
 from kd_flax import config_base
 
 
 def get_config(arg=None):
-    args = config_base.parse_arg(arg, ("tiny", "mesh", "ct2"), recipe="configs/demo_cpu.py")
+    args = config_base.parse_arg(arg, ("tiny", "mesh", "ct2", "topk"), recipe="configs/demo_cpu.py")
     tiny = "tiny" in args
     c = config_base.base_config()
     c.name = "demo_cpu" + ("_tiny" if tiny else "")
@@ -92,4 +94,9 @@ def get_config(arg=None):
         c.variants["seqkd_ct2int8"] = {"student": {"quant": {"weight_bits": 8, "act_bits": 8,
                                                              "scheme": "ctranslate2_int8"}},
                                        "export": {"ctranslate2": "int8"}}
+    if "topk" in args:  # word-level top-k KD on the pseudo-labels: online teacher vs its stored top-8
+        c.generate.store_topk = 8
+        topk = {"ce_weight": 1.0, "kd_weight": 1.0, "kd_type": "topk", "topk": 8}
+        c.variants["seqkd_topk_online"] = {"distill": {"loss": dict(topk, teacher="online")}}
+        c.variants["seqkd_topk_cached"] = {"distill": {"loss": dict(topk, teacher="cached")}}
     return c

@@ -108,6 +108,8 @@ def train_block(**overrides) -> dict:
             "lam": 0.5,
             "beta": 0.5,
             "fused": False,
+            "topk": 8,
+            "teacher": "online",
             "hidden_weight": 0.0,
             "attention_weight": 0.0,
         },
@@ -158,6 +160,8 @@ def base_config() -> ml_collections.ConfigDict:
             "shard_size": 1000,
             "select": "best",
             "write_nbest": False,
+            "store_topk": 0,  # K > 0: also store the teacher's top-K log-probs per target token
+            "store_topk_target": "pseudo",  # ... of the chosen pseudo-label, or "gold" (the reference)
             "filters": {"max_length_ratio": 0.0, "min_score": -1e9, "min_ref_chrf": 0.0},
         },
         "student": {
@@ -275,6 +279,7 @@ CHOICES = {
     "student.quant.granularity": ("channel", "tensor"),
     "student.quant.scheme": ("default", "ctranslate2_int8"),
     "generate.select": ("best", "bleu", "chrf"),
+    "generate.store_topk_target": ("pseudo", "gold"),
     "export.formats[]": ("hf", "int"),
     "export.ctranslate2": ("", "float32", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16",
                            "float16", "bfloat16"),
@@ -287,6 +292,7 @@ for _blk in ("finetune", "distill"):
         f"{_blk}.optimizer.name": ("adamw", "adafactor"),
         f"{_blk}.optimizer.schedule": ("constant", "linear", "cosine", "rsqrt"),
         f"{_blk}.loss.smoothing": ("fairseq", "uniform"),
+        f"{_blk}.loss.teacher": ("online", "cached"),
     })
 # `{finetune,distill}.loss.kd_type` is checked against `objectives.KD_LOSSES` in `validate`
 # (objectives imports this module, so the table is read there, not here).
@@ -302,6 +308,7 @@ RANGES = {
     "generate.max_new_tokens": (1, None, True, True),
     "generate.temperature": (0, None, False, True),
     "generate.top_k": (0, None, True, True),
+    "generate.store_topk": (0, None, True, True),
     "generate.top_p": (0, 1, False, True),
     "generate.batch_size": (1, None, True, True),
     "generate.shard_size": (1, None, True, True),
@@ -335,6 +342,7 @@ for _blk in ("finetune", "distill"):
         f"{_blk}.loss.ce_weight": (0, None, True, True),
         f"{_blk}.loss.hidden_weight": (0, None, True, True),
         f"{_blk}.loss.attention_weight": (0, None, True, True),
+        f"{_blk}.loss.topk": (1, None, True, True),
     })
 
 
@@ -494,6 +502,11 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
         if loss["fused"] and loss["kd_weight"] > 0 and loss["kd_type"] != "kl":
             problems.append(f"{blk}.loss.fused: the fused (chunked) KD loss computes forward KL only; "
                             f"set {blk}.loss.kd_type='kl' or fused=False (got kd_type={loss['kd_type']!r})")
+        if loss["teacher"] == "cached" and (loss["kd_type"] != "topk" or loss["hidden_weight"] > 0
+                                            or loss["attention_weight"] > 0):
+            problems.append(f"{blk}.loss.teacher: 'cached' (the generate job's top-k log-probs) serves "
+                            f"kd_type='topk' alone; set {blk}.loss.kd_type='topk' and hidden_weight = "
+                            f"attention_weight = 0, or teacher='online'")
     for name, ov in cfg["variants"].items():
         if not isinstance(ov, dict):
             problems.append(f"variants.{name}: expected a dict of dotted-key overrides, got {ov!r}")

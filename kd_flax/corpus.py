@@ -65,6 +65,7 @@ class Example:
     input_ids: np.ndarray | None = None
     target_ids: np.ndarray | None = None
     gold: str | None = None  # the corpus reference when `ref` holds a teacher pseudo-label
+    teacher_topk: tuple | None = None  # cached (logprobs, ids) [len(target_ids), K] (`kd_flax.topk_cache`)
 
     def to_dict(self) -> dict:
         d = {"id": self.id, "src": self.src, "ref": self.ref}

@@ -280,7 +280,7 @@ def _train_batch(examples, chunk, batch_size, row0, local, s_lens, t_lens, pad_i
     decoder_input_ids = np.concatenate(
         [np.full((len(rows), 1), decoder_start_id, np.int32), labels[:, :-1]], axis=1)
     decoder_input_ids = np.where(dec_mask, decoder_input_ids, pad_id).astype(np.int32)
-    return {
+    out = {
         "input_ids": input_ids,
         "attention_mask": attention_mask.astype(np.int32),
         "labels": labels,
@@ -290,6 +290,18 @@ def _train_batch(examples, chunk, batch_size, row0, local, s_lens, t_lens, pad_i
         "example_id": np.where(valid, [examples[r].id for r in rows], -1).astype(np.int64),
         "valid": valid,
     }
+    if examples[rows[0]].teacher_topk is not None:  # cached top-k KD: [b, T, K], zeros past the target
+        out.update(_topk_rows([examples[r].teacher_topk for r in rows], T))
+    return out
+
+
+def _topk_rows(cached, T: int) -> dict:
+    k = cached[0][0].shape[-1]
+    lp, ids = np.zeros((len(cached), T, k), np.float32), np.zeros((len(cached), T, k), np.int32)
+    for i, (a, b) in enumerate(cached):
+        n = min(len(a), T)
+        lp[i, :n], ids[i, :n] = a[:n], b[:n]
+    return {"teacher_topk_logprobs": lp, "teacher_topk_ids": ids}
 
 
 __all__ = [

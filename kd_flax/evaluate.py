@@ -147,6 +147,25 @@ def apply_weight_quant(model, quant_cfg) -> bool:
     return True
 
 
+def with_act_quant(model, quant_cfg):
+    """`model` under the activation fake-quant its `student.quant` block trained with
+    (`quant.act_config`: `act_quant_bits`, `act_quant_granularity`), the same weights (their
+    shardings kept); `model` itself when its config already has them. A saved HF dir does not
+    keep these runtime fields (`models.load_pretrained` gives float activations), so without
+    this an `act_bits=8` student would be scored with float activations: weight-only W8."""
+    from flax import nnx
+    from kd_flax import quant
+    fields = quant.act_config(quant_cfg) if quant_cfg is not None else {}
+    if all(getattr(model.config, k, None) == v for k, v in fields.items()):
+        return model
+    cfg = model.config.replace(**fields)
+    new = nnx.eval_shape(lambda: type(model)(cfg, rngs=nnx.Rngs(0)))
+    nnx.update(new, nnx.state(model))
+    if hasattr(model, "generation_config"):  # set by load_pretrained, not by the constructor
+        new.generation_config = model.generation_config
+    return new
+
+
 def _load(path: str, config, mesh, rules):
     from kd_flax import models
     model = models.load_pretrained(path, mesh=mesh, rules=rules)
@@ -198,6 +217,7 @@ def run(config, workdir, *, load_fn: Callable | None = None,
         from flax import nnx
         # A stand-in model (tests) has no nnx parameters to quantize or count.
         if isinstance(model, nnx.Module):
+            model = with_act_quant(model, qcfg)  # the activation fake-quant it trained with
             apply_weight_quant(model, qcfg)
         n_params, n_bytes = param_bytes(model, qcfg) if isinstance(model, nnx.Module) else (0, 0)
         meter = SpeedMeter()

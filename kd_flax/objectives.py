@@ -130,6 +130,7 @@ class LossSpec:
     beta: float = 0.5
     fused: bool = False
     topk: int = 8
+    teacher: str = "online"  # "cached": top-k KD against the generate job's stored top-k
     hidden_weight: float = 0.0
     attention_weight: float = 0.0
 
@@ -140,14 +141,22 @@ class LossSpec:
         kw = {f.name: cfg_get(lcfg, f.name, f.default) for f in dataclasses.fields(cls)}
         cfg_choice(kw, "kd_type", tuple(KD_LOSSES), "loss")
         cfg_choice(kw, "smoothing", ("fairseq", "uniform"), "loss")
+        cfg_choice(kw, "teacher", ("online", "cached"), "loss")
         spec = cls(**kw)
+        if spec.teacher == "cached" and (spec.kd_type != "topk" or spec.hidden_weight > 0
+                                         or spec.attention_weight > 0):
+            raise ValueError(f"loss.teacher='cached' serves kd_type='topk' alone (no hidden/attention "
+                             f"terms), got kd_type={spec.kd_type!r}, hidden_weight={spec.hidden_weight}, "
+                             f"attention_weight={spec.attention_weight}")
         if spec.fused and spec.kd_type != "kl" and spec.kd_weight > 0:
             raise ValueError(f"loss.fused=True supports loss.kd_type='kl' only, got {spec.kd_type!r}")
         return spec
 
     @property
     def needs_teacher(self) -> bool:
-        return self.kd_weight > 0 or self.hidden_weight > 0 or self.attention_weight > 0
+        """An online teacher model: not for SeqKD alone nor for KD against the cached top-k."""
+        return (self.kd_weight > 0 and self.teacher == "online") or self.hidden_weight > 0 \
+            or self.attention_weight > 0
 
     @property
     def weights(self) -> dict[str, float]:
@@ -229,6 +238,9 @@ def loss_terms(student, batch, teacher=None, *, spec: LossSpec,
         terms["ce"] = losses.cross_entropy(logits, labels, tok_w, label_smoothing=spec.label_smoothing,
                                            smoothing=spec.smoothing)
     cached_topk = spec.kd_type == "topk" and "teacher_topk_logprobs" in batch
+    if spec.teacher == "cached" and spec.kd_weight > 0 and not cached_topk:
+        raise ValueError("loss.teacher='cached' needs batches with teacher_topk_logprobs / teacher_topk_ids "
+                         "(the generate job's top-k cache, kd_flax.topk_cache)")
     online = spec.needs_teacher and not (cached_topk and not hidden and not attn)
     t_out = TeacherOutput(topk_logprobs=batch.get("teacher_topk_logprobs") if cached_topk else None,
                           topk_ids=batch.get("teacher_topk_ids") if cached_topk else None)

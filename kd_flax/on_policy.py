@@ -51,8 +51,8 @@ class OnPolicySpec:
             raise ValueError(f"on_policy.lmbda must be in [0, 1], got {spec.lmbda}")
         if not 0.0 <= spec.beta <= 1.0:
             raise ValueError(f"on_policy.beta must be in [0, 1], got {spec.beta}")
-        if spec.max_new_tokens < 1:
-            raise ValueError(f"on_policy.max_new_tokens must be >= 1, got {spec.max_new_tokens}")
+        if spec.active and spec.max_new_tokens < 1:  # the distill stage resolves 0 to data.max_target_length
+            raise ValueError(f"on_policy.max_new_tokens must be >= 1 when lmbda > 0, got {spec.max_new_tokens}")
         processing.check_sampling(spec.temperature, spec.top_k, spec.top_p)
         return spec
 

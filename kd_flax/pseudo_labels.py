@@ -38,7 +38,7 @@ import numpy as np
 
 from kd_flax import corpus as corpus_lib
 from kd_flax import data as data_lib
-from kd_flax import io_utils, sharding
+from kd_flax import io_utils, sharding, topk_cache
 from kd_flax import workdir as workdir_lib
 from kd_flax.workdir import Workdir
 from kd_flax.config_base import cfg_get as _get
@@ -80,6 +80,10 @@ def validate_config(config) -> None:
     need("top_k", isinstance(_get(g, "top_k"), int) and _get(g, "top_k") >= 0, "an int >= 0")
     for key in ("do_sample", "early_stopping", "write_nbest"):
         need(key, isinstance(_get(g, key), bool), "True or False")
+    k = _get(g, "store_topk", 0)
+    need("store_topk", isinstance(k, int) and not isinstance(k, bool) and k >= 0, "an int >= 0 (0 = off)")
+    need("store_topk_target", _get(g, "store_topk_target", "pseudo") in topk_cache.TARGETS,
+         list(topk_cache.TARGETS))
     if not problems:
         try:
             check_search(g.num_beams, g.num_return_sequences, g.do_sample, prefix="generate.")
@@ -128,15 +132,33 @@ def job_settings(config, teacher_path: str, tokenizer_path: str, process_count: 
     ``checksum_cache``: see `io_utils.tree_checksum` (re-runs then skip re-reading the teacher)."""
     d = config.data
     kw = dict(cache=checksum_cache, write_cache=write_cache)
+    gen = _plain(config.generate)
+    data_keys = ("train", "src_lang", "tgt_lang", "source_prefix", "max_source_length", "bucket_boundaries",
+                 "max_train_examples")
+    if _store_topk(config):  # the scored targets are cut to max_target_length
+        data_keys += ("max_target_length",)
+    else:  # off: the settings (and the hash) of a job from before store_topk existed
+        gen = {k: v for k, v in gen.items() if k not in ("store_topk", "store_topk_target")}
     return {
         "teacher": {"checksum": io_utils.tree_checksum(teacher_path, **kw),
                     "tokenizer_checksum": io_utils.tree_checksum(tokenizer_path, **kw)},
-        "data": {k: _plain(_get(d, k)) for k in ("train", "src_lang", "tgt_lang", "source_prefix",
-                                                   "max_source_length", "bucket_boundaries",
-                                                   "max_train_examples")},
-        "generate": _plain(config.generate),
+        "data": {k: _plain(_get(d, k)) for k in data_keys},
+        "generate": gen,
         "process_count": int(process_count),
     }
+
+
+def _store_topk(config) -> int:
+    return int(_get(config.generate, "store_topk", 0) or 0)
+
+
+def _topk_block(config, teacher: dict) -> dict:
+    """The manifest's record of the top-k cache (ids dtype and vocab come from the shards)."""
+    d = config.data
+    return {"k": _store_topk(config), "target": _get(config.generate, "store_topk_target", "pseudo"),
+            "logprobs_dtype": np.dtype(topk_cache.LOGPROB_DTYPE).name, "file_suffix": topk_cache.SUFFIX,
+            "teacher_checksum": teacher["checksum"], "tokenizer_checksum": teacher["tokenizer_checksum"],
+            **{k: _plain(_get(d, k)) for k in ("max_source_length", "max_target_length", "source_prefix")}}
 
 
 # ----------------------------------------------------------------------------- shards
@@ -329,6 +351,8 @@ def run(config, workdir, *, force: bool = False, generate_fn: Callable | None = 
                         **settings["teacher"]},
             "decoding": _plain(g), "corpus": report.as_dict(),
             "shards": all_shard_names(len(examples), g.shard_size, pc)}
+    if _store_topk(config):
+        base["topk"] = _topk_block(config, settings["teacher"])
     if pi == 0:
         io_utils.atomic_write_json(io_utils.join(out_dir, MANIFEST),
                                    dict(base, status="running", updated=time.time()))
@@ -374,10 +398,15 @@ def _finish(out_dir, base, report, n_examples) -> dict:
               "truncated_source": 0, "tokens": 0, "hit_max_new_tokens": 0}
     seconds = 0.0
     dropped_files = []
+    topk_keys = ("topk_tokens", "topk_bytes") if "topk" in base else ()
+    counts.update({k: 0 for k in topk_keys})
     for name in base["shards"]:
         st = io_utils.read_json(io_utils.join(out_dir, name + ".stats.json"))
-        for k in ("generated", "kept", "truncated_source", "tokens", "hit_max_new_tokens"):
+        for k in ("generated", "kept", "truncated_source", "tokens", "hit_max_new_tokens") + topk_keys:
             counts[k] += st.get(k, 0)  # hit_max_new_tokens: absent in shards of older versions
+        if topk_keys:
+            base["topk"].update(vocab_size=st["topk_vocab_size"],
+                                ids_dtype=np.dtype(topk_cache.ids_dtype(st["topk_vocab_size"])).name)
         for reason, c in st["dropped"].items():
             counts["dropped"][reason] = counts["dropped"].get(reason, 0) + c
         if st["dropped"]:
@@ -394,6 +423,10 @@ def _finish(out_dir, base, report, n_examples) -> dict:
                     generate_seconds=round(seconds, 3), updated=time.time())
     io_utils.atomic_write_json(io_utils.join(out_dir, MANIFEST), manifest)
     log.info("generate: done: %s", counts)
+    if topk_keys:
+        log.info("generate: top-k cache (K=%d): %d bytes for %d target tokens (%.1f bytes per token)",
+                 base["topk"]["k"], counts["topk_bytes"], counts["topk_tokens"],
+                 counts["topk_bytes"] / max(counts["topk_tokens"], 1))
     return manifest
 
 
@@ -411,6 +444,7 @@ def _generate_shards(config, pending, local, out_dir, pc, t_path, tok_path, gene
                          f"{translator.data_shards} devices the batch is split over "
                          f"(mesh.axes={dict(mesh.shape)})")
     boundaries = data_lib.normalize_boundaries(_get(d, "bucket_boundaries"), d.max_source_length)
+    scorer = topk_cache.TopKScorer(model, _store_topk(config), mesh, rules) if _store_topk(config) else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     special = set(tokenizer.all_special_ids)
     eos = tokenizer.eos_token_id
@@ -428,7 +462,7 @@ def _generate_shards(config, pending, local, out_dir, pc, t_path, tok_path, gene
         for shard in pending:
             t0 = time.time()
             stats = _run_shard(config, shard, local[shard.start:shard.end], translator, tokenizer,
-                               boundaries, pad_id, eos, special, out_dir, pc, on_batch=lines.add)
+                               boundaries, pad_id, eos, special, out_dir, pc, scorer, on_batch=lines.add)
             n_sent += stats["generated"]
             n_tok += stats["tokens"]
             el = max(time.time() - t_start, 1e-9)
@@ -447,8 +481,9 @@ def _generate_shards(config, pending, local, out_dir, pc, t_path, tok_path, gene
 
 
 def _run_shard(config, shard, examples, translator, tokenizer, boundaries, pad_id, eos, special,
-               out_dir, pc, on_batch: Callable[[int, int], None] | None = None) -> dict:
-    """Generate one shard and write its files; `on_batch(sentences, tokens)` after each batch."""
+               out_dir, pc, scorer=None, on_batch: Callable[[int, int], None] | None = None) -> dict:
+    """Generate one shard and write its files (with its top-k file when `scorer` is given);
+    `on_batch(sentences, tokens)` after each batch."""
     from kd_flax.translate import hit_max_new_tokens
 
     g, d = config.generate, config.data
@@ -512,11 +547,40 @@ def _run_shard(config, shard, examples, translator, tokenizer, boundaries, pad_i
              "first_id": examples[0].id if examples else None,
              "last_id": examples[-1].id if examples else None,
              "seconds": round(time.time() - t0, 3)}
+    if scorer is not None:  # before the part file: its existence means both exist
+        stats.update(_store_shard_topk(config, scorer, examples, records, tokenizer, out_dir, name))
+        stats["seconds"] = round(time.time() - t0, 3)
     io_utils.atomic_write_json(io_utils.join(out_dir, name + ".stats.json"), stats)
     # The part file is the shard's commit marker: written last.
     io_utils.atomic_write_jsonl(io_utils.join(out_dir, name + ".jsonl"),
                                 [records[k] for k in sorted(records)])
     return stats
+
+
+def _store_shard_topk(config, scorer, examples, records, tokenizer, out_dir, name) -> dict:
+    """Scores the shard's targets (kept pseudo-labels, or the gold references) with the teacher
+    and writes ``<name>.topk.safetensors``; returns its stats."""
+    g, d = config.generate, config.data
+    target = _get(g, "store_topk_target", "pseudo")
+    if target == "pseudo":
+        chosen = [corpus_lib.Example(i, records[i]["src"], records[i]["hyp"]) for i in sorted(records)]
+    else:
+        chosen = [ex for ex in examples if ex.ref is not None]
+    tok = data_lib.tokenize_examples(chosen, tokenizer, max_source_length=d.max_source_length,
+                                     max_target_length=d.max_target_length,
+                                     source_prefix=_get(d, "source_prefix") or "")
+    model_cfg = scorer.model_config
+    scored = topk_cache.score_examples(
+        scorer, tok, g.batch_size, pad_id=model_cfg.pad_token_id, eos_id=model_cfg.eos_token_id,
+        decoder_start_id=model_cfg.decoder_start_token_id, bucket_boundaries=tuple(_get(d, "bucket_boundaries") or ()),
+        max_source_length=d.max_source_length, max_target_length=d.max_target_length)
+    ids = sorted(scored)
+    n_bytes = topk_cache.write(io_utils.join(out_dir, topk_cache.file_name(name)), ids,
+                               [scored[i][0] for i in ids], [scored[i][1] for i in ids], k=scorer.k,
+                               vocab_size=scorer.vocab_size, target=target)
+    n_tok = sum(len(v[0]) for v in scored.values())
+    return {"topk_examples": len(ids), "topk_tokens": n_tok, "topk_bytes": n_bytes,
+            "topk_vocab_size": scorer.vocab_size}
 
 
 # ----------------------------------------------------------------------------- reading back

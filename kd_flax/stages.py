@@ -207,6 +207,13 @@ def stage_model(model, rules, quantized: bool):
     return _rebuilt(model, act_quant_bits=None), None
 
 
+def _student_needs_teacher(sc) -> bool:
+    """The student is built from the teacher: its layers (layer_copy) or its architecture
+    (scratch without `student.model.model_type`)."""
+    model = sc.model.to_dict() if hasattr(sc.model, "to_dict") else dict(sc.model or {})
+    return sc.init == "layer_copy" or (sc.init == "scratch" and "model_type" not in model)
+
+
 def run_distill(config, workdir) -> dict:
     """Stage `distill`: the student on pseudo-labels (`workdir/generate`) and/or gold data,
     one sub-stage per `distill.stages` entry (e.g. QuillBot's pseudo then gold), each resumable.
@@ -219,11 +226,6 @@ def run_distill(config, workdir) -> dict:
 
     dc = config.distill
     wd = Workdir.of(workdir)
-    t_dir = wd.teacher_dir(config)
-    t_tok = models.load_tokenizer(wd.teacher_tokenizer_dir(config))
-    teacher = models.load_pretrained(t_dir, **_train_overrides(dc))
-    model, tokenizer, info = student_lib.build_student(config, teacher, t_tok, overrides=_train_overrides(dc))
-    student_lib.check_vocab(model, tokenizer)
     spec = LossSpec.from_config(dc.loss)
     stages = [dict(st) for st in dc.stages]
     # On-policy steps (lmbda > 0, or a `targets: "student"` stage) need the teacher to score
@@ -231,8 +233,23 @@ def run_distill(config, workdir) -> dict:
     op_cfg = dict(_get(dc, "on_policy", {}) or {})
     op_cfg["max_new_tokens"] = int(op_cfg.get("max_new_tokens") or config.data.max_target_length)
     on_policy_used = float(op_cfg.get("lmbda", 0.0)) > 0 or any(st["targets"] == "student" for st in stages)
-    student_lib.check_kd_compatible(model, teacher, word_level=spec.kd_weight > 0 or on_policy_used,
-                                    hidden=spec.hidden_weight > 0, attention=spec.attention_weight > 0, info=info)
+    load_teacher = spec.needs_teacher or on_policy_used or _student_needs_teacher(config.student)
+    t_dir = wd.teacher_dir(config, must_exist=load_teacher)
+    t_tok_dir = wd.teacher_tokenizer_dir(config, must_exist=load_teacher)
+    t_tok = models.load_tokenizer(t_tok_dir)
+    teacher = models.load_pretrained(t_dir, **_train_overrides(dc)) if load_teacher else None
+    model, tokenizer, info = student_lib.build_student(config, teacher, t_tok, overrides=_train_overrides(dc))
+    student_lib.check_vocab(model, tokenizer)
+    if teacher is not None:
+        student_lib.check_kd_compatible(model, teacher, word_level=spec.kd_weight > 0 or on_policy_used,
+                                        hidden=spec.hidden_weight > 0, attention=spec.attention_weight > 0,
+                                        info=info)
+    cache = None
+    if spec.teacher == "cached" and spec.kd_weight > 0:  # top-k KD on the generate job's cache
+        from kd_flax.topk_cache import DistillCache
+        cache = DistillCache.open(config, wd, spec.topk, teacher_dir=t_dir,
+                                  tokenizer_dir=t_tok_dir,
+                                  vocab_size=model.config.vocab_size)
     if not (spec.needs_teacher or on_policy_used):
         teacher = None  # SeqKD alone: the teacher's knowledge is in the pseudo-labels
     rules = quant.rules_for(model, config.student.quant)
@@ -252,7 +269,10 @@ def run_distill(config, workdir) -> dict:
         s_model, s_rules = stage_model(model, rules, bool(st.get("quant", True)))
         sub_record = workdir_lib.read_record(sub)
         done = sub_record is not None and sub_record.get("status") == "done"  # finished earlier: its final params
-        result = _train_stage(s_model, tokenizer, _tokenized(raw, tokenizer, config), [] if done else dev, config,
+        train_ex = _tokenized(raw, tokenizer, config)
+        if cache is not None and st["targets"] != "student":  # a student stage's targets are sampled
+            train_ex = cache.attach(train_ex, st["targets"], f"distill.stages[{i}]")
+        result = _train_stage(s_model, tokenizer, train_ex, [] if done else dev, config,
                               tcfg, sub, teacher=teacher, info=info, quant_rules=s_rules)
         if s_model is not model:  # the next stage starts from what this one trained
             nnx.update(model, nnx.state(s_model, nnx.Param))

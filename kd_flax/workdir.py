@@ -114,11 +114,13 @@ class Workdir:
     def trained_teacher_dir(self) -> str:
         return self.stage_dir("finetune", "model")
 
-    def teacher_dir(self, config) -> str:
+    def teacher_dir(self, config, *, must_exist: bool = True) -> str:
         """The teacher checkpoint: the one `finetune` trained here, else ``teacher.path``.
 
         A finetune stage that started but did not finish is refused rather than skipped over
-        to the raw ``teacher.path`` (its pseudo-labels would come from another teacher)."""
+        to the raw ``teacher.path`` (its pseudo-labels would come from another teacher).
+        ``must_exist=False``: a ``teacher.path`` that is gone is returned as is (a stage that
+        never loads the teacher, e.g. KD against its cached top-k)."""
         record = read_record(self.stage_dir("finetune"))
         trained = self.trained_teacher_dir
         if record is not None and record.get("status") != "done":
@@ -130,13 +132,13 @@ class Workdir:
         if not path:
             raise ValueError(f"teacher.path: required (an HF checkpoint dir); the finetune stage's "
                              f"{trained} does not exist either")
-        if not io_utils.exists(path):
+        if must_exist and not io_utils.exists(path):
             raise ValueError(f"teacher.path: {path!r} does not exist")
         return os.fspath(path)
 
-    def teacher_tokenizer_dir(self, config) -> str:
+    def teacher_tokenizer_dir(self, config, *, must_exist: bool = True) -> str:
         """The teacher's tokenizer: saved beside the teacher, else ``teacher.tokenizer``."""
-        t_dir = self.teacher_dir(config)
+        t_dir = self.teacher_dir(config, must_exist=must_exist)
         if io_utils.exists(io_utils.join(t_dir, "tokenizer.json")) or not config.teacher.get("tokenizer"):
             return t_dir
         return config.teacher.tokenizer

@@ -155,16 +155,26 @@ def _requantized(model, qcfg):
     return model
 
 
-def test_evaluate_scores_the_ctranslate2_model(student, tmp_path):
+def test_evaluate_scores_the_ctranslate2_model(student, tmp_path, monkeypatch):
     """`evaluate` with `export.ctranslate2` set converts the student itself (evaluate runs before
-    export) and adds the row `student_ct2_int8`: size on disk, BLEU, chrF, sentences/s."""
+    export) and adds the row `student_ct2_int8`: size on disk, BLEU, chrF, sentences/s. Its
+    `student` row decodes the saved student (whose config.json keeps no activation fields) under
+    the scheme's per-row activation fake-quant, i.e. the very forward CTranslate2 int8 runs."""
     import json
     import shutil
 
     import sacrebleu
 
-    from kd_flax import config_base, evaluate
+    from kd_flax import config_base, evaluate, translate
     model, tok, d = student
+    decoded = []
+
+    class Recording(translate.Translator):
+        def __init__(self, m, *a, **kw):
+            decoded.append(m)
+            super().__init__(m, *a, **kw)
+
+    monkeypatch.setattr(translate, "Translator", Recording)
     wd = tmp_path / "wd"
     shutil.copytree(d / "hf", wd / "distill" / "model")
     src = corpus(24, 11)
@@ -195,6 +205,12 @@ def test_evaluate_scores_the_ctranslate2_model(student, tmp_path):
     assert sum(len(h.split()) > 1 for h in hyps) >= len(hyps) // 2  # sentences, not EOS or noise tokens
     report = (out / "report.md").read_text()
     assert "| student_ct2_int8" in report
+    # The student row: the trained (in-memory) model's forward, activation fake-quant included,
+    # and so CTranslate2's sentences, all of them (the demo's 1463/1500 came from float activations).
+    (m,) = decoded
+    assert (m.config.act_quant_bits, m.config.act_quant_granularity) == (8, "row")
+    np.testing.assert_allclose(_kd_flax_forward(m, tok, src)[0], _kd_flax_forward(model, tok, src)[0], atol=2e-5)
+    assert (out / "hyps" / "student" / "test0.txt").read_text().split("\n")[: len(src)] == hyps
     print(f"\nevaluate: student BLEU {res['models']['student']['bleu']['mean']:.1f} "
           f"({res['models']['student']['size_mb'] * 2**20:.0f} B), student_ct2_int8 BLEU {row['bleu']['mean']:.1f} "
           f"({row['size_mb'] * 2**20:.0f} B, {row['speed']['sentences_per_s']:.0f} sentences/s)")

@@ -235,6 +235,21 @@ def real_teacher(tmp_path_factory):
     return d
 
 
+def kill9_once_exists(proc, path, timeout=120):
+    """SIGKILLs `proc` (stderr piped) as soon as `path` exists; fails if it ended on its own."""
+    try:
+        deadline = time.time() + timeout
+        while not path.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    proc.stderr.close()
+
+
 def test_cli_kill9_then_resume_equals_uninterrupted(real_teacher, tmp_path):
     """`python -m kd_flax.main generate` on a real tiny T5, SIGKILLed mid-run, then resumed."""
     d = real_teacher
@@ -246,18 +261,7 @@ def test_cli_kill9_then_resume_equals_uninterrupted(real_teacher, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "kd_flax.main", "generate", "--config",
                              f"{ROOT}/configs/generate.py:{arg}", "--workdir", str(work)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first = work / "generate" / "part-00000.jsonl"
-    try:
-        deadline = time.time() + 120
-        while not first.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    proc.stderr.close()
+    kill9_once_exists(proc, work / "generate" / "part-00000.jsonl")
     done_before = len(outputs(work))
     (work / "generate" / ".part-00047.jsonl.abc.tmp").write_text("half a shard")  # as if killed mid-write
     assert 1 <= done_before < 48  # killed mid-run

@@ -148,3 +148,16 @@ def test_distill_on_policy_config_keys_are_validated():
     c = load_recipe("demo_cpu", "tiny")
     c.distill.stages = [{"targets": "pseudo", "steps": 2}, {"targets": "student", "steps": 2}]
     config_base.validate(c, check_paths=False)
+
+
+def test_the_base_configs_train_block_builds_a_step():
+    """`base_config().distill` as a train block (on_policy off, max_new_tokens 0 = "the data's
+    length", which only the distill stage knows) builds a step; on, it needs a length."""
+    import pytest
+    from kd_flax import config_base
+    student, teacher, _ = _setup()
+    block = config_base.base_config().distill
+    T.make_train_step(student, block)
+    block.on_policy.lmbda = 0.5
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1 when lmbda > 0"):
+        T.make_train_step(student, block, teacher=teacher)
