@@ -434,6 +434,45 @@ def _model_key_problems(cfg: dict) -> list[str]:
     return out
 
 
+def _value_problems(key: str, value, default, choices: dict, label: str | None = None) -> list[str]:
+    """Type, choice and range problems of `value` at `key` (reported as `label`, default `key`)."""
+    label = label or key
+    if not _type_ok(value, default):
+        return [f"{label}: expected {_type_name(default)}, got {type(value).__name__} {value!r}"]
+    out = []
+    if key in choices and value not in choices[key]:
+        out.append(f"{label}: {value!r} is not allowed; allowed values: {list(choices[key])}")
+    if key + "[]" in choices and isinstance(value, (list, tuple)):
+        bad = [v for v in value if v not in choices[key + "[]"]]
+        if bad:
+            out.append(f"{label}: {bad} not allowed; allowed values: {list(choices[key + '[]'])}")
+    if key in RANGES and isinstance(value, (int, float)):
+        lo, hi, lo_inc, hi_inc = RANGES[key]
+        bad = (lo is not None and (value < lo or (value == lo and not lo_inc))) or (
+            hi is not None and (value > hi or (value == hi and not hi_inc)))
+        if bad:
+            lb = "[" if lo_inc else "("
+            rb = "]" if hi_inc else ")"
+            out.append(f"{label}: {value!r} out of range; allowed: {lb}{lo}, {'∞' if hi is None else hi}{rb}")
+    return out
+
+
+def _stage_optimizer_problems(i: int, opt, base: dict, choices: dict) -> list[str]:
+    """`distill.stages[i].optimizer`: keys of `distill.optimizer`, values checked as there."""
+    where = f"distill.stages[{i}].optimizer"
+    allowed = sorted(k.rsplit(".", 1)[1] for k in base if k.startswith("distill.optimizer."))
+    if not isinstance(opt, dict):
+        return [f"{where}: expected a dict of distill.optimizer keys {allowed}, got {opt!r}"]
+    out = []
+    for k, v in opt.items():
+        key = f"distill.optimizer.{k}"
+        if key not in base:
+            out.append(f"{where}.{k}: unknown optimizer key; allowed: {allowed}")
+        else:
+            out += _value_problems(key, v, base[key], choices, label=f"{where}.{k}")
+    return out
+
+
 def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> None:
     """Check keys, types, choices, ranges and paths; raise one ConfigError listing all problems."""
     cfg = config.to_dict()
@@ -453,26 +492,8 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
         problems.append(f"{key}: missing (recipes must start from kd_flax.config_base.base_config())")
 
     for key, value in flat.items():
-        if key not in base:
-            continue
-        default = base[key]
-        if not _type_ok(value, default):
-            problems.append(f"{key}: expected {_type_name(default)}, got {type(value).__name__} {value!r}")
-            continue
-        if key in choices and value not in choices[key]:
-            problems.append(f"{key}: {value!r} is not allowed; allowed values: {list(choices[key])}")
-        if key + "[]" in choices and isinstance(value, (list, tuple)):
-            bad = [v for v in value if v not in choices[key + "[]"]]
-            if bad:
-                problems.append(f"{key}: {bad} not allowed; allowed values: {list(choices[key + '[]'])}")
-        if key in RANGES and isinstance(value, (int, float)):
-            lo, hi, lo_inc, hi_inc = RANGES[key]
-            bad = (lo is not None and (value < lo or (value == lo and not lo_inc))) or (
-                hi is not None and (value > hi or (value == hi and not hi_inc)))
-            if bad:
-                lb = "[" if lo_inc else "("
-                rb = "]" if hi_inc else ")"
-                problems.append(f"{key}: {value!r} out of range; allowed: {lb}{lo}, {'∞' if hi is None else hi}{rb}")
+        if key in base:
+            problems += _value_problems(key, value, base[key], choices)
 
     # Cross-key rules.
     from kd_flax.decoding import check_search  # the one check, shared with decoding and the teacher job
@@ -484,13 +505,17 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
     if cfg["generate"]["select"] in ("bleu", "chrf") and cfg["generate"]["num_return_sequences"] < 2:
         problems.append("generate.select: 'bleu'/'chrf' (SeqInter) needs generate.num_return_sequences ≥ 2")
     for i, st in enumerate(cfg["distill"]["stages"]):
-        if not isinstance(st, dict) or not {"targets", "steps"} <= set(st) <= {"targets", "steps", "quant"}:
+        if not isinstance(st, dict) or not {"targets", "steps"} <= set(st) <= {"targets", "steps", "quant",
+                                                                                "optimizer"}:
             problems.append(f"distill.stages[{i}]: expected {{'targets': {'|'.join(map(repr, STAGE_TARGETS))}, "
-                            f"'steps': int, optional 'quant': bool}}, got {st!r}")
+                            f"'steps': int, optional 'quant': bool, optional 'optimizer': "
+                            f"{{distill.optimizer keys}}}}, got {st!r}")
         elif st["targets"] not in STAGE_TARGETS or not isinstance(st["steps"], int) or st["steps"] < 0 \
                 or not isinstance(st.get("quant", True), bool):
             problems.append(f"distill.stages[{i}]: targets must be one of {list(STAGE_TARGETS)}, steps an int "
                             f"≥ 0 and quant a bool, got {st!r}")
+        elif "optimizer" in st:
+            problems += _stage_optimizer_problems(i, st["optimizer"], base, choices)
     q = cfg["student"]["quant"]
     if q.get("scheme") == "ctranslate2_int8" and (q["weight_bits"], q["act_bits"], q["granularity"]) != (8, 8, "channel"):
         problems.append(f"student.quant.scheme: 'ctranslate2_int8' is CTranslate2's int8 (int8 weights per "

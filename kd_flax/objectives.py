@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from kd_flax import fused_kd, losses
 from kd_flax.config_base import cfg_choice, cfg_get
+from kd_flax.models.layers import split_dropout_rng
 
 TERMS = ("ce", "kd", "hidden", "attention")
 
@@ -169,15 +170,18 @@ class LossSpec:
 # ---------------------------------------------------------------------------
 
 
-def forward(model, batch, *, hidden: bool = False, attn: bool = False, logits_hidden: bool = False):
+def forward(model, batch, *, hidden: bool = False, attn: bool = False, logits_hidden: bool = False,
+            dropout_rng=None):
     """Teacher-forced forward: `(logits, encoder output, decoder extras or None)`.
-    `logits_hidden=True` returns the extras with the pre-unembedding states (fused KD)."""
+    `logits_hidden=True` returns the extras with the pre-unembedding states (fused KD).
+    `dropout_rng`: a key to run the model with dropout (train steps only; None: deterministic)."""
+    enc_rng, dec_rng = split_dropout_rng(dropout_rng)
     enc = model.encode(batch["input_ids"], batch["attention_mask"],
-                       output_hidden_states=hidden, output_attentions=attn)
+                       output_hidden_states=hidden, output_attentions=attn, dropout_rng=enc_rng)
     extras = hidden or attn or logits_hidden
     out = model.decode(batch["decoder_input_ids"], enc, batch["attention_mask"],
                        decoder_attention_mask=batch.get("decoder_attention_mask"),
-                       output_hidden_states=hidden or logits_hidden, output_attentions=attn)
+                       output_hidden_states=hidden or logits_hidden, output_attentions=attn, dropout_rng=dec_rng)
     if extras:
         logits, _, dec = out
     else:
@@ -215,8 +219,8 @@ def _layer_terms(s_outs, t_outs, layer_map, *, hidden: bool, attn: bool, weights
     return h_term, a_term
 
 
-def loss_terms(student, batch, teacher=None, *, spec: LossSpec,
-               layer_map=None) -> dict[str, tuple[jax.Array, jax.Array]]:
+def loss_terms(student, batch, teacher=None, *, spec: LossSpec, layer_map=None,
+               dropout_rng=None) -> dict[str, tuple[jax.Array, jax.Array]]:
     """Every configured loss term of `student` on `batch` as a `(sum, count)` pair (float32
     scalars), weighted by `token_weights` / `row_weights` (pad rows count nowhere).
 
@@ -227,10 +231,13 @@ def loss_terms(student, batch, teacher=None, *, spec: LossSpec,
         optionally `loss_mask`, `teacher_topk_logprobs`, `teacher_topk_ids`.
       layer_map: a `student.StudentInfo` (which teacher layer each student layer mimics)
         for the hidden / attention terms.
+      dropout_rng: the student's dropout key (the train step's; None: deterministic). The
+        teacher always runs without dropout.
     """
     hidden, attn = spec.hidden_weight > 0, spec.attention_weight > 0
     fused = spec.fused and spec.kd_weight > 0
-    logits, enc, dec = forward(student, batch, hidden=hidden, attn=attn, logits_hidden=fused)
+    logits, enc, dec = forward(student, batch, hidden=hidden, attn=attn, logits_hidden=fused,
+                               dropout_rng=dropout_rng)
     labels = batch["labels"]
     tok_w = token_weights(batch)
     terms = {}

@@ -125,9 +125,10 @@ def student_batch(batch, seqs, lengths, start_id: int):
             "loss_mask": jnp.broadcast_to(objectives.row_weights(batch)[:, None], (b, L))}
 
 
-def loss_on_samples(student, teacher, sbatch, spec: OnPolicySpec):
-    """`(sum, count)` of the generalized JSD on a sampled batch (teacher constant)."""
-    s_logits, _, _ = objectives.forward(student, sbatch)
+def loss_on_samples(student, teacher, sbatch, spec: OnPolicySpec, dropout_rng=None):
+    """`(sum, count)` of the generalized JSD on a sampled batch (teacher constant; the student
+    with dropout when `dropout_rng` is given; the samples themselves are drawn without)."""
+    s_logits, _, _ = objectives.forward(student, sbatch, dropout_rng=dropout_rng)
     t_logits, _, _ = objectives.forward(teacher, sbatch)
     w = objectives.token_weights(sbatch)
     return gjsd(s_logits, jax.lax.stop_gradient(t_logits), w, beta=spec.beta, temperature=spec.loss_temperature)

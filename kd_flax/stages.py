@@ -265,7 +265,9 @@ def run_distill(config, workdir) -> dict:
         else:
             raise ValueError(f"distill.stages[{i}].targets: {st['targets']!r}; allowed: {list(STAGE_TARGETS)}")
         stage_op = dict(op_cfg, lmbda=1.0) if st["targets"] == "student" else op_cfg
-        tcfg = _with(dc, {"steps": int(st["steps"]), "on_policy": stage_op})
+        # A stage's `optimizer` entries override `distill.optimizer` (e.g. a gold stage's own LR/warmup).
+        tcfg = _with(dc, {"steps": int(st["steps"]), "on_policy": stage_op,
+                          "optimizer": dict(st.get("optimizer") or {})})
         s_model, s_rules = stage_model(model, rules, bool(st.get("quant", True)))
         sub_record = workdir_lib.read_record(sub)
         done = sub_record is not None and sub_record.get("status") == "done"  # finished earlier: its final params

@@ -232,17 +232,18 @@ class TrainStep:
             return self._jitted(state, batch, teacher_params)
 
 
-def accumulate(terms_fn, loss_fn, params, batch, accum: int):
-    """`(loss, terms, grads)` of `loss_fn(terms_fn(params, batch), None)` over the whole batch,
-    computed in `accum` strided micro-batches (one `lax.scan`) when `accum > 1`.
+def accumulate(terms_fn, loss_fn, params, batch, accum: int, rng=None):
+    """`(loss, terms, grads)` of `loss_fn(terms_fn(params, batch, rng), None)` over the whole
+    batch, computed in `accum` strided micro-batches (one `lax.scan`) when `accum > 1`.
 
-    `terms_fn(params, batch) -> {name: (sum, count)}`; `loss_fn(terms, counts)` turns them into
-    the scalar loss, normalising by `counts` (the whole batch's) when given, so the summed
-    micro-batch losses and grads equal the full-batch ones up to float rounding.
+    `terms_fn(params, batch, rng) -> {name: (sum, count)}`; `loss_fn(terms, counts)` turns them
+    into the scalar loss, normalising by `counts` (the whole batch's) when given, so the summed
+    micro-batch losses and grads equal the full-batch ones up to float rounding. `rng`: the
+    step's dropout key (None: deterministic); micro-batch `i` gets `fold_in(rng, i)`.
     """
     if accum == 1:
         def f(p):
-            terms = terms_fn(p, batch)
+            terms = terms_fn(p, batch, rng)
             return loss_fn(terms, None), terms
         (loss, terms), grads = jax.value_and_grad(f, has_aux=True)(params)
         return loss, terms, grads
@@ -250,15 +251,16 @@ def accumulate(terms_fn, loss_fn, params, batch, accum: int):
     if b % accum:
         raise ValueError(f"grad_accum={accum} must divide the batch size {b}")
     # Counts depend only on the masks, so this forward is dead code XLA removes.
-    counts = {k: n for k, (_, n) in terms_fn(params, batch).items()}
+    counts = {k: n for k, (_, n) in terms_fn(params, batch, None).items()}
     # Strided micro-batches: each device keeps a slice of every micro-batch.
     micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(b // accum, accum, *x.shape[1:]), 0, 1), batch)
 
-    def body(carry, mb):
+    def body(carry, inp):
         g_acc, l_acc, t_acc = carry
+        mb, i = inp
 
         def f(p):
-            terms = terms_fn(p, mb)
+            terms = terms_fn(p, mb, None if rng is None else jax.random.fold_in(rng, i))
             return loss_fn(terms, counts), terms
         (l, terms), g = jax.value_and_grad(f, has_aux=True)(params)
         t_acc = {k: (t_acc[k][0] + terms[k][0], t_acc[k][1] + terms[k][1]) for k in terms}
@@ -266,8 +268,11 @@ def accumulate(terms_fn, loss_fn, params, batch, accum: int):
 
     zero_terms = {k: (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)) for k in counts}
     init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), zero_terms)
-    (grads, loss, terms), _ = jax.lax.scan(body, init, micro)
+    (grads, loss, terms), _ = jax.lax.scan(body, init, (micro, jnp.arange(accum)))
     return loss, terms, grads
+
+
+DROPOUT_STREAM = 1  # the student's dropout key: fold_in(the step's key, DROPOUT_STREAM)
 
 
 def make_train_step(student_graphdef, cfg, *, teacher=None, quant_rules=None, mesh=None, rules=None,
@@ -291,19 +296,20 @@ def make_train_step(student_graphdef, cfg, *, teacher=None, quant_rules=None, me
                                                           and spec.attention_weight == 0):
         raise ValueError("loss: kd_weight/hidden_weight/attention_weight > 0 need teacher=...")
 
-    def term_fn(p, b, tp):
+    def term_fn(p, b, tp, key):
         teacher_model = None if tp is None or t_graphdef[0] is None else _merge(t_graphdef, jax.lax.stop_gradient(tp))
         return objectives.loss_terms(forward_model(s_graph, p, quant_rules), b, teacher_model, spec=spec,
-                                     layer_map=layer_map)
+                                     layer_map=layer_map, dropout_rng=key)
 
-    def grads_and_terms(params, batch, tp):
-        return accumulate(lambda p, b: term_fn(p, b, tp), lambda t, n: combine(t, spec, n), params, batch, accum)
+    def grads_and_terms(params, batch, tp, drop_key):
+        return accumulate(lambda p, b, k: term_fn(p, b, tp, k), lambda t, n: combine(t, spec, n), params, batch,
+                          accum, drop_key)
 
     op = on_policy.OnPolicySpec.from_config(_get(cfg, "on_policy"))
     if op.active and t_graphdef[0] is None:
         raise ValueError("on_policy.lmbda > 0 needs teacher=... (the teacher scores the student's samples)")
 
-    def on_policy_grads(params, batch, tp, key):
+    def on_policy_grads(params, batch, tp, key, drop_key):
         # The student samples with its current (fake-quantized) params, no gradient through it.
         sampler = forward_model(s_graph, jax.lax.stop_gradient(params), quant_rules)
         ids = on_policy.token_ids(sampler, op)
@@ -312,31 +318,36 @@ def make_train_step(student_graphdef, cfg, *, teacher=None, quant_rules=None, me
         sbatch = on_policy.student_batch(batch, seqs, lengths, ids.decoder_start_token_id)
         teacher_model = _merge(t_graphdef, jax.lax.stop_gradient(tp))
 
-        def jsd_terms(p, b):
+        def jsd_terms(p, b, k):
             return {"on_policy_jsd": on_policy.loss_on_samples(forward_model(s_graph, p, quant_rules),
-                                                               teacher_model, b, op)}
+                                                               teacher_model, b, op, dropout_rng=k)}
         def jsd_loss(terms, counts):
             s, n = terms["on_policy_jsd"]
             return losses.mean((s, n if counts is None else counts["on_policy_jsd"]))
-        loss, terms, grads = accumulate(jsd_terms, jsd_loss, params, sbatch, accum)
+        loss, terms, grads = accumulate(jsd_terms, jsd_loss, params, sbatch, accum, drop_key)
         return loss, terms["on_policy_jsd"], grads
 
     def compute_grads(params, batch, tp, step, rng):
-        """`(loss, terms, grads, on_flag, on_policy_term)` of one step (no optimizer update)."""
+        """`(loss, terms, grads, on_flag, on_policy_term)` of one step (no optimizer update).
+
+        The step's key is `fold_in(rng, step)` (a restored state redraws the same): on-policy
+        samples use it, the student's dropout `fold_in(key, DROPOUT_STREAM)` (the models use it
+        only where a dropout rate is > 0; the teacher and the sampler never)."""
         z = jnp.zeros((), jnp.float32)
-        if not op.active:  # lmbda = 0: exactly the off-policy step
-            loss, terms, grads = grads_and_terms(params, batch, tp)
-            return loss, terms, grads, z, (z, z)
         key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
+        drop_key = jax.random.fold_in(key, DROPOUT_STREAM)
+        if not op.active:  # lmbda = 0: exactly the off-policy step
+            loss, terms, grads = grads_and_terms(params, batch, tp, drop_key)
+            return loss, terms, grads, z, (z, z)
         is_on = on_policy.is_on_policy_step(op, step)
 
         def off(params):
-            loss, terms, grads = grads_and_terms(params, batch, tp)
+            loss, terms, grads = grads_and_terms(params, batch, tp, drop_key)
             return loss, terms, grads, (z, z)
 
         def on(params):
-            loss, kd, grads = on_policy_grads(params, batch, tp, key)
-            shape = jax.eval_shape(lambda p: grads_and_terms(p, batch, tp)[1], params)
+            loss, kd, grads = on_policy_grads(params, batch, tp, key, drop_key)
+            shape = jax.eval_shape(lambda p: grads_and_terms(p, batch, tp, None)[1], params)
             terms = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
             return loss, terms, grads, kd
 

@@ -79,3 +79,44 @@ def test_seqkd_then_on_policy_stage_records_its_on_policy_steps(tmp_path, tiny_t
     assert [(s["targets"], s["on_policy_steps"]) for s in out["stages"]] == [("gold", 0), ("student", 3)]
     rec = json.load(open(tmp_path / "run" / "distill" / "1_student" / "stage.json"))
     assert rec["result"]["on_policy_steps"] == 3 and rec["status"] == "done"
+
+
+def test_stage_optimizer_overrides_distill_optimizer(tmp_path, tiny_teacher_dir, monkeypatch):
+    """A gold stage after SeqKD with its own `optimizer` (lower LR, no warmup): merged over
+    `distill.optimizer` for that stage only; an unknown key is a ConfigError naming it."""
+    import pytest
+    from kd_flax import config_base
+    from kd_flax import train as T
+    c = load_recipe("demo_cpu", "tiny")
+    c.teacher.init, c.teacher.path, c.teacher.tokenizer = "pretrained", tiny_teacher_dir, tiny_teacher_dir
+    c.data.train = _corpus(tmp_path / "train.jsonl", 16, 1)
+    c.data.dev = _corpus(tmp_path / "dev.jsonl", 4, 2)
+    c.distill.optimizer.learning_rate, c.distill.optimizer.warmup_steps = 3e-3, 5
+    c.distill.stages = [{"targets": "gold", "steps": 10},
+                        {"targets": "gold", "steps": 10, "optimizer": {"learning_rate": 1e-4, "warmup_steps": 0}}]
+    config_base.validate(c, check_paths=False)
+    seen = []
+
+    def fake_train_stage(model, tokenizer, train_ex, dev, config, tcfg, stage_dir, **kw):
+        seen.append(tcfg)
+        return types.SimpleNamespace(preempted=False, best=None, evals=[])
+
+    monkeypatch.setattr(stages, "_train_stage", fake_train_stage)
+    monkeypatch.setattr(stages, "_finish_model", lambda *a, **k: None)
+    stages.run_distill(c, str(tmp_path / "run"))
+    first, gold = (s.optimizer for s in seen)
+    assert (first.learning_rate, first.warmup_steps) == (3e-3, 5)
+    assert (gold.learning_rate, gold.warmup_steps) == (1e-4, 0)
+    assert gold.schedule == first.schedule == c.distill.optimizer.schedule  # the rest: distill.optimizer's
+    assert gold.weight_decay == c.distill.optimizer.weight_decay
+    s0, s1 = T.make_schedule(first, 10), T.make_schedule(gold, 10)
+    assert float(s0(0)) < 3e-3 and abs(float(s1(0)) - 1e-4) < 1e-9  # no warmup: the peak at step 0
+    assert c.distill.optimizer.learning_rate == 3e-3  # the block itself is untouched
+
+    c.distill.stages = [{"targets": "gold", "steps": 1, "optimizer": {"lr": 1e-4}}]
+    with pytest.raises(config_base.ConfigError, match=r"distill\.stages\[0\]\.optimizer\.lr: unknown optimizer key; "
+                                                      r"allowed: \[.*'learning_rate'.*\]"):
+        config_base.validate(c, check_paths=False)
+    c.distill.stages = [{"targets": "gold", "steps": 1, "optimizer": {"schedule": "cosin", "warmup_steps": -1}}]
+    with pytest.raises(config_base.ConfigError, match=r"stages\[0\]\.optimizer\.schedule: 'cosin' is not allowed"):
+        config_base.validate(c, check_paths=False)

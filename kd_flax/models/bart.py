@@ -50,73 +50,79 @@ def _attention(c: BartConfig, heads, rngs):
     init = layers.normal_init(c.init_std)
     return layers.MultiHeadAttention(c.d_model, heads, c.d_model // heads, use_bias=True,
                                      q_init=init, kv_init=init, out_init=init,
-                                     **layers.act_kw(c), **_kw(c, rngs))
+                                     dropout_rate=c.attention_dropout, **layers.act_kw(c), **_kw(c, rngs))
 
 
 def _layer_norm(c: BartConfig, rngs):
     return layers.LayerNorm(c.d_model, eps=1e-5, **_kw(c, rngs))
 
 
-class EncoderLayer(nnx.Module):
-    def __init__(self, config: BartConfig, *, rngs: nnx.Rngs):
-        c = config
+class _FFN:
+    """The feed-forward sublayer shared by both layer kinds: ``fc2(drop(act(fc1(h))))``,
+    then the output dropout (transformers' `activation_dropout` / `dropout`)."""
+
+    def _init_ffn(self, c: BartConfig, dim: int, rngs):
         self.pre_ln = c.normalize_before
         self.activation = c.activation_function
+        self.fc1 = _dense(c, c.d_model, dim, ("embed", "mlp"), rngs)
+        self.fc2 = _dense(c, dim, c.d_model, ("mlp", "embed"), rngs)
+        self.final_layer_norm = _layer_norm(c, rngs)
+        self.dropout = c.dropout
+        self.activation_dropout = c.activation_dropout
+
+    def _ffn(self, x, drop):
+        h = self.final_layer_norm(x) if self.pre_ln else x
+        h = drop(layers.get_activation(self.activation)(self.fc1(h)), self.activation_dropout)
+        x = x + drop(self.fc2(h), self.dropout)
+        return x if self.pre_ln else self.final_layer_norm(x)
+
+
+class EncoderLayer(_FFN, nnx.Module):
+    def __init__(self, config: BartConfig, *, rngs: nnx.Rngs):
+        c = config
         self.self_attn = _attention(c, c.encoder_attention_heads, rngs)
         self.self_attn_layer_norm = _layer_norm(c, rngs)
-        self.fc1 = _dense(c, c.d_model, c.encoder_ffn_dim, ("embed", "mlp"), rngs)
-        self.fc2 = _dense(c, c.encoder_ffn_dim, c.d_model, ("mlp", "embed"), rngs)
-        self.final_layer_norm = _layer_norm(c, rngs)
+        self._init_ffn(c, c.encoder_ffn_dim, rngs)
 
-    def __call__(self, x, mask, output_attentions=False):
+    def __call__(self, x, mask, output_attentions=False, drop=layers.NO_DROPOUT):
         # Pre-LN (mBART) normalises each sublayer's input; post-LN (BART, Marian) the sum.
         h = self.self_attn_layer_norm(x) if self.pre_ln else x
-        h, _, probs = self.self_attn(h, mask=mask, output_attentions=output_attentions)
-        x = x + h
+        h, _, probs = self.self_attn(h, mask=mask, output_attentions=output_attentions, dropout=drop)
+        x = x + drop(h, self.dropout)
         if not self.pre_ln:
             x = self.self_attn_layer_norm(x)
-        h = self.final_layer_norm(x) if self.pre_ln else x
-        x = x + self.fc2(layers.get_activation(self.activation)(self.fc1(h)))
-        if not self.pre_ln:
-            x = self.final_layer_norm(x)
+        x = self._ffn(x, drop)
         return sharding.constrain(x, ("batch", "length", "embed")), probs
 
 
-class DecoderLayer(nnx.Module):
+class DecoderLayer(_FFN, nnx.Module):
     def __init__(self, config: BartConfig, *, rngs: nnx.Rngs):
         c = config
-        self.pre_ln = c.normalize_before
-        self.activation = c.activation_function
         self.self_attn = _attention(c, c.decoder_attention_heads, rngs)
         self.self_attn_layer_norm = _layer_norm(c, rngs)
         self.encoder_attn = _attention(c, c.decoder_attention_heads, rngs)
         self.encoder_attn_layer_norm = _layer_norm(c, rngs)
-        self.fc1 = _dense(c, c.d_model, c.decoder_ffn_dim, ("embed", "mlp"), rngs)
-        self.fc2 = _dense(c, c.decoder_ffn_dim, c.d_model, ("mlp", "embed"), rngs)
-        self.final_layer_norm = _layer_norm(c, rngs)
+        self._init_ffn(c, c.decoder_ffn_dim, rngs)
 
     def __call__(self, x, enc, self_mask, cross_mask, cache=None, index=None,
-                 output_attentions=False):
+                 output_attentions=False, drop=layers.NO_DROPOUT):
         """`cache`: this layer's `{"self": {k, v} [B, H, L, Dh], "cross": {k, v}}` or None
         (then cross K/V are projected from `enc`). Returns (x, new cache, probs, cross probs)."""
         h = self.self_attn_layer_norm(x) if self.pre_ln else x
         h, new_self, probs = self.self_attn(
             h, mask=self_mask, cache=None if cache is None else cache["self"], cache_index=index,
-            output_attentions=output_attentions)
-        x = x + h
+            output_attentions=output_attentions, dropout=drop)
+        x = x + drop(h, self.dropout)
         if not self.pre_ln:
             x = self.self_attn_layer_norm(x)
         h = self.encoder_attn_layer_norm(x) if self.pre_ln else x
         h, _, cross_probs = self.encoder_attn(
             h, enc, kv=None if cache is None else cache["cross"], mask=cross_mask,
-            output_attentions=output_attentions)
-        x = x + h
+            output_attentions=output_attentions, dropout=drop)
+        x = x + drop(h, self.dropout)
         if not self.pre_ln:
             x = self.encoder_attn_layer_norm(x)
-        h = self.final_layer_norm(x) if self.pre_ln else x
-        x = x + self.fc2(layers.get_activation(self.activation)(self.fc1(h)))
-        if not self.pre_ln:
-            x = self.final_layer_norm(x)
+        x = self._ffn(x, drop)
         new_cache = None if cache is None else {"self": new_self, "cross": cache["cross"]}
         return sharding.constrain(x, ("batch", "length", "embed")), new_cache, probs, cross_probs
 
@@ -157,8 +163,8 @@ class Stack(nnx.Module):
                                          scan=c.scan_layers, rngs=rngs)
         self.layer_norm = _layer_norm(c, rngs) if c.add_final_layer_norm else None
 
-    def embed(self, token_embed: layers.Embed, ids, positions):
-        """Input of layer 0: scaled token embeddings + positions (+ layernorm_embedding)."""
+    def embed(self, token_embed: layers.Embed, ids, positions, drop=layers.NO_DROPOUT):
+        """Input of layer 0: scaled token embeddings + positions (+ layernorm_embedding), dropped."""
         c = self.config
         x = token_embed(ids)
         if c.scale_embedding:
@@ -171,7 +177,7 @@ class Stack(nnx.Module):
         x = x + pos
         if self.layernorm_embedding is not None:
             x = self.layernorm_embedding(x)
-        return sharding.constrain(x, ("batch", "length", "embed"))
+        return sharding.constrain(drop(x, c.dropout), ("batch", "length", "embed"))
 
     def finish(self, x):
         return self.layer_norm(x) if self.layer_norm is not None else x
@@ -243,24 +249,30 @@ class BartModel(layers.GenerationConfigMixin, nnx.Module):
             raise ValueError(f"{what} has length {n} > max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
 
+    def _dropout(self, rng) -> layers.Dropout:
+        c = self.config
+        return layers.dropout_for(rng, c.dropout, c.attention_dropout, c.activation_dropout)
+
     # -- encoder --
     def encode(self, input_ids, attention_mask, *, output_hidden_states=False,
-               output_attentions=False) -> layers.EncoderOutput:
-        """Encoder forward: `input_ids` [B, S] int, `attention_mask` [B, S] (1 = token)."""
+               output_attentions=False, dropout_rng=None) -> layers.EncoderOutput:
+        """Encoder forward: `input_ids` [B, S] int, `attention_mask` [B, S] (1 = token).
+        `dropout_rng`: a key to train with dropout (None: deterministic)."""
         c = self.config
         self._check_length(input_ids.shape[1], "input_ids")
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        drop = self._dropout(dropout_rng)
         x = self.encoder.embed(self._encoder_embed(), input_ids,
-                               jnp.arange(input_ids.shape[1])[None, :])
+                               jnp.arange(input_ids.shape[1])[None, :], drop)
         mask = layers.padding_mask(None, attention_mask)
 
-        def body(layer, h, _):
-            out, probs = layer(h, mask, output_attentions=output_attentions)
+        def body(layer, h, _, d):
+            out, probs = layer(h, mask, output_attentions=output_attentions, drop=d)
             return out, (h if output_hidden_states else None, probs)
 
         x, ys = layers.apply_layers(self.encoder.layers, body, x, None, scan=c.scan_layers,
-                                    remat=c.remat)
+                                    remat=c.remat, dropout=drop)
         x = self.encoder.finish(x)
         hidden, attn = self._unpack(ys, c.encoder_layers, 2)
         if hidden is not None:
@@ -301,7 +313,7 @@ class BartModel(layers.GenerationConfigMixin, nnx.Module):
 
     def decode(self, decoder_input_ids, encoder_out, attention_mask, *,
                decoder_attention_mask=None, cache=None, output_hidden_states=False,
-               output_attentions=False, unembedding=None):
+               output_attentions=False, unembedding=None, dropout_rng=None):
         """Decoder forward → `(logits [B, T, V] float32, cache)` (+ `DecoderExtras` when an
         output flag is set). `unembedding`: `(W [D, V], bias)` to use instead of
         :meth:`unembedding` (generation passes a copy laid out once, outside its loop).
@@ -310,6 +322,7 @@ class BartModel(layers.GenerationConfigMixin, nnx.Module):
         causal mask and optional `decoder_attention_mask` [B, T]. With `cache`: the next
         tokens (usually [B, 1]) at positions `cache["index"]...`; the optional
         `decoder_attention_mask` then covers the whole cache, [B, max_length].
+        `dropout_rng`: a key to train with dropout (None: deterministic; decoding passes none).
         """
         c = self.config
         enc = getattr(encoder_out, "last_hidden_state", encoder_out)
@@ -332,11 +345,12 @@ class BartModel(layers.GenerationConfigMixin, nnx.Module):
             self_mask = layers.causal_mask(positions, max_len)
         if decoder_attention_mask is not None:
             self_mask = self_mask & layers.padding_mask(None, decoder_attention_mask)
-        x = self.decoder.embed(self._decoder_embed(), decoder_input_ids, positions[None, :])
+        drop = self._dropout(dropout_rng)
+        x = self.decoder.embed(self._decoder_embed(), decoder_input_ids, positions[None, :], drop)
 
-        def body(layer, h, lc):
+        def body(layer, h, lc, d=layers.NO_DROPOUT):
             out, lc, probs, cprobs = layer(h, enc, self_mask, cross_mask, lc, index,
-                                           output_attentions=output_attentions)
+                                           output_attentions=output_attentions, drop=d)
             return out, (lc, h if output_hidden_states else None, probs, cprobs)
 
         if c.scan_layers and cache_layers is not None:  # stacked [B, layers, ...], sliced per layer
@@ -344,7 +358,7 @@ class BartModel(layers.GenerationConfigMixin, nnx.Module):
                                                       remat=c.remat)
         else:
             x, ys = layers.apply_layers(self.decoder.layers, body, x, cache_layers,
-                                        scan=c.scan_layers, remat=c.remat)
+                                        scan=c.scan_layers, remat=c.remat, dropout=drop)
         h = self.decoder.finish(x)
         logits = self._logits(h, unembedding)
         new_cache = None
@@ -368,15 +382,13 @@ class BartModel(layers.GenerationConfigMixin, nnx.Module):
         return logits, new_cache, extras
 
     def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None,
-                 decoder_attention_mask=None):
-        """Teacher-forced logits [B, T, V] float32."""
+                 decoder_attention_mask=None, dropout_rng=None):
+        """Teacher-forced logits [B, T, V] float32 (`dropout_rng`: train with dropout)."""
         if decoder_input_ids is None:
             raise ValueError("decoder_input_ids is required (shift the labels right, "
                              "starting with config.decoder_start_token_id)")
-        enc = self.encode(input_ids, attention_mask)
-        logits, _ = self.decode(decoder_input_ids, enc, attention_mask,
-                                decoder_attention_mask=decoder_attention_mask)
-        return logits
+        return layers.teacher_forced(self, input_ids, attention_mask, decoder_input_ids,
+                                     decoder_attention_mask, dropout_rng)
 
 
 def generation_defaults(c: BartConfig) -> dict:

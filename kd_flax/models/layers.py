@@ -230,7 +230,7 @@ class MultiHeadAttention(nnx.Module):
     def __init__(self, d_model: int, num_heads: int, head_dim: int, *, use_bias: bool,
                  qk_scale: float | None = None, q_init=None, kv_init=None, out_init=None,
                  dtype=jnp.float32, param_dtype=jnp.float32, act_quant_bits: int | None = None,
-                 act_quant_granularity: str = "tensor", rngs: nnx.Rngs):
+                 act_quant_granularity: str = "tensor", dropout_rate: float = 0.0, rngs: nnx.Rngs):
         inner = num_heads * head_dim
         kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                   act_quant_bits=act_quant_bits, act_quant_granularity=act_quant_granularity, rngs=rngs)
@@ -242,6 +242,7 @@ class MultiHeadAttention(nnx.Module):
         self.head_dim = head_dim
         self.qk_scale = head_dim ** -0.5 if qk_scale is None else qk_scale
         self.dtype = dtype
+        self.dropout_rate = float(dropout_rate)  # on the attention probabilities, in training
 
     def _split(self, x: Array) -> Array:
         """[B, T, H*Dh] -> heads-major [B, H, T, Dh]."""
@@ -262,7 +263,8 @@ class MultiHeadAttention(nnx.Module):
 
     def __call__(self, x: Array, kv_input: Array | None = None, *, kv: dict | None = None,
                  mask: Array | None = None, bias: Array | None = None, cache: dict | None = None,
-                 cache_index: Array | None = None, output_attentions: bool = False):
+                 cache_index: Array | None = None, output_attentions: bool = False,
+                 dropout: Dropout | None = None):
         """Attend from ``x`` [B, T, D].
 
         Keys/values come from ``kv`` (precomputed by :meth:`project_kv`), else from
@@ -271,6 +273,8 @@ class MultiHeadAttention(nnx.Module):
         keys/values are written at ``cache_index`` and the query attends over the whole cache.
         ``mask``: bool, broadcastable to [B, H, T, S], True = may attend.
         ``bias``: additive float, broadcastable to [B, H, T, S] (T5 position bias).
+        ``dropout``: the layer's :class:`Dropout` stream; drops attention probabilities at
+        ``dropout_rate`` (the returned weights are the probabilities before dropout).
         Returns ``(out [B, T, D], new_cache or None, weights [B, H, T, S] float32 or None)``.
 
         Everything is heads-major ([B, H, ., Dh]) so both attention dots have their batch
@@ -298,7 +302,8 @@ class MultiHeadAttention(nnx.Module):
         if mask is not None:
             scores = jnp.where(mask, scores, NEG_INF)
         weights = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("bhts,bhsd->bhtd", weights.astype(self.dtype), v.astype(self.dtype))
+        probs = weights if dropout is None else dropout(weights, self.dropout_rate)
+        out = jnp.einsum("bhts,bhsd->bhtd", probs.astype(self.dtype), v.astype(self.dtype))
         out = jnp.swapaxes(out, 1, 2)  # [B, T, H, Dh]; free for a single decoding step (T = 1)
         out = out.reshape(out.shape[:2] + (self.num_heads * self.head_dim,))
         out = _sharding.constrain(self.out_proj(out), ("batch", "length", "embed"))
@@ -315,6 +320,62 @@ def init_kv_cache(batch_size: int, max_length: int, num_heads: int, head_dim: in
 def kv_cache_length(kv: dict, *, stacked: bool = False) -> int:
     """Key length L of a self-attention cache [B, H, L, Dh] (``stacked``: [B, layers, H, L, Dh])."""
     return kv["v"].shape[3 if stacked else 2]
+
+
+# ----------------------------------------------------------------------------- dropout
+
+class Dropout:
+    """Inverted dropout from an explicit key: ``drop(x, rate)`` zeroes each element with
+    probability ``rate`` and scales the others by ``1 / (1 - rate)``.
+
+    ``Dropout(None)`` (and ``rate == 0``) is the identity, bit for bit: eval, generation and
+    teachers pass no key. Call ``n`` through one object draws from ``fold_in(key, n)`` (a
+    trace-time counter), so one key and one code path always give the same masks; the key
+    comes from the train state (``kd_flax.train``), never from a stateful ``nnx.Rngs``.
+    """
+
+    def __init__(self, key=None):
+        self.key = key
+        self._n = 0
+
+    @property
+    def active(self) -> bool:
+        return self.key is not None
+
+    def next_key(self):
+        self._n += 1
+        return jax.random.fold_in(self.key, self._n)
+
+    def __call__(self, x: Array, rate: float) -> Array:
+        if self.key is None or not rate:
+            return x
+        keep = jax.random.bernoulli(self.next_key(), 1.0 - rate, x.shape)
+        return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+NO_DROPOUT = Dropout()  # the identity (an inactive stream never advances its counter)
+
+
+def dropout_for(rng, *rates) -> Dropout:
+    """The model-level stream: active only with a key (the train step's) and a rate > 0."""
+    return Dropout(rng if rng is not None and any(r > 0 for r in rates) else None)
+
+
+def split_dropout_rng(rng):
+    """``(encoder key, decoder key)`` of one forward's dropout key (``None`` → ``None, None``)."""
+    if rng is None:
+        return None, None
+    return jax.random.fold_in(rng, 0), jax.random.fold_in(rng, 1)
+
+
+def teacher_forced(model, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None,
+                   dropout_rng=None):
+    """Teacher-forced logits of ``model`` (its ``encode`` then ``decode``): the models' ``__call__``."""
+    enc_rng, dec_rng = split_dropout_rng(dropout_rng)
+    enc = model.encode(input_ids, attention_mask, dropout_rng=enc_rng)
+    logits, _ = model.decode(decoder_input_ids, enc, attention_mask, decoder_attention_mask=decoder_attention_mask,
+                             dropout_rng=dec_rng)
+    return logits
 
 
 # ----------------------------------------------------------------------------- masks
@@ -371,13 +432,26 @@ def make_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, *
     return stacked
 
 
-def apply_layers(layers, fn: Callable, carry, xs, *, scan: bool, remat=False):
+def apply_layers(layers, fn: Callable, carry, xs, *, scan: bool, remat=False, dropout: Dropout | None = None):
     """Run ``fn(layer, carry, x) -> (carry, y)`` over a stack built by :func:`make_layers`.
 
     ``xs``/returned ``ys``: per-layer inputs/outputs; a Python list (one pytree per layer)
     when not scanning, a pytree stacked on axis 0 when scanning (``None`` allowed).
     ``remat`` is the option understood by :func:`remat_policy`.
+    ``dropout``: given, ``fn`` is called as ``fn(layer, carry, x, drop)`` with each layer's own
+    :class:`Dropout` stream (its key rides with ``xs``; inactive streams add nothing).
     """
+    if dropout is not None:
+        inner, n = fn, _num_layers(layers, scan)
+        if not dropout.active:
+            def fn(layer, c, x):
+                return inner(layer, c, x, NO_DROPOUT)
+        else:
+            keys = jax.random.split(dropout.next_key(), n)
+            xs = (xs, keys) if scan else [(None if xs is None else xs[i], keys[i]) for i in range(n)]
+
+            def fn(layer, c, x):
+                return inner(layer, c, x[0], Dropout(x[1]))
     enabled, policy = remat_policy(remat)
     if scan:
         graphdef, state = nnx.split(layers)
@@ -404,6 +478,12 @@ def apply_layers(layers, fn: Callable, carry, xs, *, scan: bool, remat=False):
             carry, y = fn(layer, carry, x)
         ys.append(y)
     return carry, ys
+
+
+def _num_layers(layers, scan: bool) -> int:
+    if not scan:
+        return len(layers)
+    return jax.tree.leaves(nnx.state(layers))[0].shape[0]
 
 
 def apply_layers_stacked_cache(layers, fn: Callable, carry, cache, *, remat=False):

@@ -8,7 +8,9 @@ Numerically the same as ``transformers.T5ForConditionalGeneration``:
   lives on the stack (``encoder/relative_attention_bias``) so scanned layers stay uniform;
 - v1.0: ReLU MLP, tied embedding head with ``d_model**-0.5`` rescale of the decoder output;
   v1.1 / mT5: gated GELU (tanh approximation), untied ``lm_head``, no rescale.
-Dropout is not applied (kd_flax trains without it).
+Dropout (``dropout_rate``) where transformers applies it: embeddings, attention probabilities,
+after the activation in the MLP, each sublayer's output before the residual add, and the
+final-norm output; only in a train step's forward (``dropout_rng``), never in eval or decoding.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class T5Config(hf.ConfigMixin):
     feed_forward_proj: str = "relu"          # "relu" (v1.0) | "gated-gelu" (v1.1, mT5) | "[gated-]ACT"
     tie_word_embeddings: bool = True         # head = shared embedding (else ``lm_head``)
     scale_decoder_outputs: bool = True       # multiply decoder output by d_model**-0.5 (v1.0)
-    dropout_rate: float = 0.1                # kept for the HF config; not applied
+    dropout_rate: float = 0.1                # applied only in training (a ``dropout_rng`` is passed)
     initializer_factor: float = 1.0
     pad_token_id: int = 0
     eos_token_id: int = 1
@@ -154,13 +156,14 @@ class T5MLP(nnx.Module):
                           kernel_init=L.normal_init(f * config.d_ff ** -0.5), **kw)
         self.act = L.get_activation(config.activation)
         self.gated = config.is_gated
+        self.dropout_rate = config.dropout_rate
 
-    def __call__(self, x):
+    def __call__(self, x, drop: L.Dropout = L.NO_DROPOUT):
         if self.gated:
             h = self.act(self.wi_0(x)) * self.wi_1(x)
         else:
             h = self.act(self.wi(x))
-        h = _sharding.constrain(h, ("batch", "length", "mlp"))
+        h = _sharding.constrain(drop(h, self.dropout_rate), ("batch", "length", "mlp"))
         return self.wo(h)
 
 
@@ -169,7 +172,7 @@ def _attention(config: T5Config, rngs: nnx.Rngs) -> L.MultiHeadAttention:
     return L.MultiHeadAttention(
         d, h, dk, use_bias=False, qk_scale=1.0, q_init=L.normal_init(f * (d * dk) ** -0.5),
         kv_init=L.normal_init(f * d ** -0.5), out_init=L.normal_init(f * (h * dk) ** -0.5),
-        **L.act_kw(config), rngs=rngs, **_common(config))
+        dropout_rate=config.dropout_rate, **L.act_kw(config), rngs=rngs, **_common(config))
 
 
 def _norm(config: T5Config, rngs: nnx.Rngs) -> L.RMSNorm:
@@ -182,12 +185,13 @@ class T5EncoderLayer(nnx.Module):
         self.self_attn = _attention(config, rngs)
         self.mlp_norm = _norm(config, rngs)
         self.mlp = T5MLP(config, rngs=rngs)
+        self.dropout_rate = config.dropout_rate
 
-    def __call__(self, h, mask, bias, output_attentions: bool):
+    def __call__(self, h, mask, bias, output_attentions: bool, drop: L.Dropout = L.NO_DROPOUT):
         a, _, w = self.self_attn(self.self_attn_norm(h), mask=mask, bias=bias,
-                                 output_attentions=output_attentions)
-        h = h + a
-        h = h + self.mlp(self.mlp_norm(h))
+                                 output_attentions=output_attentions, dropout=drop)
+        h = h + drop(a, self.dropout_rate)
+        h = h + drop(self.mlp(self.mlp_norm(h), drop), self.dropout_rate)
         return h, w
 
 
@@ -199,20 +203,21 @@ class T5DecoderLayer(nnx.Module):
         self.cross_attn = _attention(config, rngs)
         self.mlp_norm = _norm(config, rngs)
         self.mlp = T5MLP(config, rngs=rngs)
+        self.dropout_rate = config.dropout_rate
 
     def __call__(self, h, *, self_mask, self_bias, enc, cross_mask, cache, cache_index,
-                 output_attentions: bool):
+                 output_attentions: bool, drop: L.Dropout = L.NO_DROPOUT):
         """``cache``: None or ``{'self': {'k','v'}, 'cross': {'k','v'}}`` of this layer."""
         a, new_self, w_self = self.self_attn(
             self.self_attn_norm(h), mask=self_mask, bias=self_bias,
             cache=None if cache is None else cache["self"], cache_index=cache_index,
-            output_attentions=output_attentions)
-        h = h + a
+            output_attentions=output_attentions, dropout=drop)
+        h = h + drop(a, self.dropout_rate)
         a, _, w_cross = self.cross_attn(
             self.cross_attn_norm(h), enc, kv=None if cache is None else cache["cross"],
-            mask=cross_mask, output_attentions=output_attentions)
-        h = h + a
-        h = h + self.mlp(self.mlp_norm(h))
+            mask=cross_mask, output_attentions=output_attentions, dropout=drop)
+        h = h + drop(a, self.dropout_rate)
+        h = h + drop(self.mlp(self.mlp_norm(h), drop), self.dropout_rate)
         new_cache = None if cache is None else {"self": new_self, "cross": cache["cross"]}
         return h, new_cache, w_self, w_cross
 
@@ -267,26 +272,29 @@ class T5Model(L.GenerationConfigMixin, nnx.Module):
 
     # ---------------------------------------------------------------- encoder
     def encode(self, input_ids, attention_mask=None, *, output_hidden_states: bool = False,
-               output_attentions: bool = False) -> L.EncoderOutput:
+               output_attentions: bool = False, dropout_rng=None) -> L.EncoderOutput:
         """Encode ``input_ids`` [B, S] (``attention_mask`` 1 = token, default all ones).
         ``hidden_states``: embeddings, each layer's input, then the final-norm output
-        (like transformers); ``attentions``: [B, H, S, S] per layer."""
+        (like transformers); ``attentions``: [B, H, S, S] per layer. ``dropout_rng``: a key
+        to train with dropout (None: deterministic)."""
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         stack = self.encoder
-        h = _sharding.constrain(self.embed_tokens(input_ids), ("batch", "length", "embed"))
+        rate = self.config.dropout_rate
+        drop = L.dropout_for(dropout_rng, rate)
+        h = _sharding.constrain(drop(self.embed_tokens(input_ids), rate), ("batch", "length", "embed"))
         S = input_ids.shape[1]
         pos = jnp.arange(S)
         bias = stack.position_bias(pos, pos)
         mask = L.padding_mask(None, attention_mask)
 
-        def fn(layer, h, _):
-            h_out, w = layer(h, mask, bias, output_attentions)
+        def fn(layer, h, _, d):
+            h_out, w = layer(h, mask, bias, output_attentions, d)
             return h_out, (h if output_hidden_states else None, w)
 
-        h, (hs, ws) = _unzip(L.apply_layers(stack.layers, fn, h, None, scan=stack.scan, remat=stack.remat),
-                             stack.scan)
-        h = stack.final_norm(h)
+        h, (hs, ws) = _unzip(L.apply_layers(stack.layers, fn, h, None, scan=stack.scan, remat=stack.remat,
+                                            dropout=drop), stack.scan)
+        h = drop(stack.final_norm(h), rate)
         hidden = L.per_layer(hs, stack.num_layers, stack.scan) + (h,) if output_hidden_states else None
         attns = L.per_layer(ws, stack.num_layers, stack.scan) if output_attentions else None
         return L.EncoderOutput(last_hidden_state=h, hidden_states=hidden, attentions=attns)
@@ -319,7 +327,7 @@ class T5Model(L.GenerationConfigMixin, nnx.Module):
     # ---------------------------------------------------------------- decoder
     def decode(self, decoder_input_ids, encoder_out, attention_mask=None, *, decoder_attention_mask=None,
                cache=None, output_hidden_states: bool = False, output_attentions: bool = False,
-               unembedding=None):
+               unembedding=None, dropout_rng=None):
         """Decoder + LM head → ``(logits [B, T, V] float32, cache)``, plus ``DecoderExtras``
         when an output flag is set. ``unembedding``: ``(W [D, V], bias or None)`` to use instead
         of :meth:`unembedding` for a tied head (generation passes a copy laid out once, outside
@@ -330,14 +338,17 @@ class T5Model(L.GenerationConfigMixin, nnx.Module):
         :meth:`init_cache`): ``decoder_input_ids`` are the next tokens [B, T≥1] written at
         ``cache['index']``; ``decoder_attention_mask``, if given, covers the whole cache
         [B, max_length]. ``encoder_out``: an ``EncoderOutput`` or its last hidden state;
-        ``attention_mask``: the encoder padding mask [B, S].
+        ``attention_mask``: the encoder padding mask [B, S]. ``dropout_rng``: a key to train
+        with dropout (None: deterministic; decoding never passes one).
         """
         enc = _hidden(encoder_out)
         if attention_mask is None:
             attention_mask = jnp.ones(enc.shape[:2], jnp.int32)
         stack = self.decoder
         T = decoder_input_ids.shape[1]
-        h = _sharding.constrain(self.embed_tokens(decoder_input_ids), ("batch", "length", "embed"))
+        rate = self.config.dropout_rate
+        drop = L.dropout_for(dropout_rng, rate)
+        h = _sharding.constrain(drop(self.embed_tokens(decoder_input_ids), rate), ("batch", "length", "embed"))
         cross_mask = L.padding_mask(None, attention_mask)
         if cache is None:
             index = None
@@ -352,19 +363,19 @@ class T5Model(L.GenerationConfigMixin, nnx.Module):
             self_mask = self_mask & L.padding_mask(None, decoder_attention_mask)
         bias = stack.position_bias(positions, jnp.arange(key_len))
 
-        def fn(layer, h, layer_cache):
+        def fn(layer, h, layer_cache, d=L.NO_DROPOUT):
             h_out, new_cache, w_self, w_cross = layer(
                 h, self_mask=self_mask, self_bias=bias, enc=enc, cross_mask=cross_mask,
-                cache=layer_cache, cache_index=index, output_attentions=output_attentions)
+                cache=layer_cache, cache_index=index, output_attentions=output_attentions, drop=d)
             return h_out, (new_cache, h if output_hidden_states else None, w_self, w_cross)
 
         if cache is not None and stack.scan:  # stacked cache [B, layers, ...] sliced per layer
             result = L.apply_layers_stacked_cache(stack.layers, fn, h, cache["layers"], remat=stack.remat)
         else:
             result = L.apply_layers(stack.layers, fn, h, None if cache is None else cache["layers"],
-                                    scan=stack.scan, remat=stack.remat)
+                                    scan=stack.scan, remat=stack.remat, dropout=drop)
         h, (new_layers, hs, ws, wc) = _unzip(result, stack.scan)
-        h = stack.final_norm(h)
+        h = drop(stack.final_norm(h), rate)
         hidden_out = h
         if self.config.scale_decoder_outputs:
             h = h * (self.config.d_model ** -0.5)
@@ -397,14 +408,13 @@ class T5Model(L.GenerationConfigMixin, nnx.Module):
         return self.lm_head.kernel[...], None
 
     def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None,
-                 decoder_attention_mask=None):
-        """Teacher-forced logits [B, T, V] (float32), keyword names as in transformers."""
+                 decoder_attention_mask=None, dropout_rng=None):
+        """Teacher-forced logits [B, T, V] (float32), keyword names as in transformers
+        (``dropout_rng``: train with dropout)."""
         if input_ids is None or decoder_input_ids is None:
             raise ValueError("T5Model(...) needs input_ids= and decoder_input_ids=")
-        enc = self.encode(input_ids, attention_mask)
-        logits, _ = self.decode(decoder_input_ids, enc, attention_mask,
-                                decoder_attention_mask=decoder_attention_mask)
-        return logits
+        return L.teacher_forced(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                                dropout_rng)
 
 
 def _hidden(encoder_out):
