@@ -44,7 +44,8 @@ def get_config(arg=None):
     c.teacher.model = dict(model_type="t5", d_model=32 if tiny else 64, d_ff=64 if tiny else 256,
                            num_layers=2, num_decoder_layers=2,
                            num_heads=4, d_kv=8 if tiny else 16, feed_forward_proj="relu",
-                           tie_word_embeddings=True, vocab_size=0)  # 0 = the tokenizer's size
+                           tie_word_embeddings=True, vocab_size=0,  # 0 = the tokenizer's size
+                           dropout_rate=0.0)  # 20k synthetic pairs, no overfitting to guard against
     c.finetune.steps = 60 if tiny else 2000
     c.finetune.batch_size = 32 if tiny else 64
     c.finetune.optimizer.learning_rate = 3e-3
@@ -61,7 +62,7 @@ def get_config(arg=None):
     c.student.model = dict(model_type="t5", d_model=16 if tiny else 32, d_ff=32 if tiny else 128,
                            num_layers=1, num_decoder_layers=1,
                            num_heads=2, d_kv=8 if tiny else 16,
-                           feed_forward_proj="relu", tie_word_embeddings=True, vocab_size=0)
+                           feed_forward_proj="relu", tie_word_embeddings=True, vocab_size=0, dropout_rate=0.0)
     steps = 40 if tiny else 1500
     c.distill.steps = steps
     c.distill.batch_size = 32 if tiny else 64

@@ -199,7 +199,7 @@ def run(config, workdir, *, load_fn: Callable | None = None,
         mesh, rules = shd.mesh_from_config(config.mesh)
         load_fn = lambda p: _load(p, config, mesh, rules)  # noqa: E731
 
-    from kd_flax import decoding, export
+    from kd_flax import export
     ct2_quant = export.ctranslate2_setting(config) if "student" in dirs else ""
     if ct2_quant:
         export.import_ctranslate2()  # fail before any decoding
