@@ -33,6 +33,10 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "multi-process: host:port of process 0 (else auto-detected on TPU pods / SLURM)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
+_COMPILE_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", os.environ.get("KD_FLAX_COMPILATION_CACHE", ""),
+    "JAX's persistent compilation cache (local or gs://): a rerun or resume loads each compiled "
+    "step instead of recompiling it; empty = off (default: $KD_FLAX_COMPILATION_CACHE)")
 
 
 StageRefused = workdir_lib.StageRefused
@@ -400,6 +404,16 @@ def _maybe_init_distributed() -> None:
         jax.distributed.initialize()  # TPU pod slice / SLURM / env: auto-detected
 
 
+def enable_compilation_cache(directory: str, min_compile_secs: float = 1.0) -> None:
+    """Keep every XLA executable that took >= `min_compile_secs` to compile in `directory`,
+    keyed by the program, its shardings, the devices and the jax/XLA versions: a later process
+    (a rerun, a resume after preemption, the next variant of the same shapes) loads it."""
+    import jax
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def main(argv: list[str]) -> None:
     usage = (f"usage: python -m kd_flax.main STAGE --config FILE[:ARG] --workdir DIR [--config.key=value ...]\n"
              f"  STAGE: one of {', '.join(STAGES + ('pipeline',))}")
@@ -414,6 +428,8 @@ def main(argv: list[str]) -> None:
         from kd_flax.metrics import PROGRESS_LOGGER
         std_logging.getLogger(PROGRESS_LOGGER).setLevel(std_logging.INFO)
     _maybe_init_distributed()
+    if _COMPILE_CACHE.value:
+        enable_compilation_cache(_COMPILE_CACHE.value)
     try:
         results = run(argv[1], _CONFIG.value, _WORKDIR.value, force=_FORCE.value, variants=_VARIANTS.value)
     except Preempted as e:
