@@ -152,12 +152,14 @@ def _store_topk(config) -> int:
     return int(_get(config.generate, "store_topk", 0) or 0)
 
 
-def _topk_block(config, teacher: dict) -> dict:
+def _topk_block(config, teacher: dict, tokenizer_path) -> dict:
     """The manifest's record of the top-k cache (ids dtype and vocab come from the shards)."""
+    from kd_flax import models
     d = config.data
     return {"k": _store_topk(config), "target": _get(config.generate, "store_topk_target", "pseudo"),
             "logprobs_dtype": np.dtype(topk_cache.LOGPROB_DTYPE).name, "file_suffix": topk_cache.SUFFIX,
             "teacher_checksum": teacher["checksum"], "tokenizer_checksum": teacher["tokenizer_checksum"],
+            "tokenizer_fingerprint": topk_cache.tokenizer_fingerprint(models.load_tokenizer(tokenizer_path)),
             **{k: _plain(_get(d, k)) for k in ("max_source_length", "max_target_length", "source_prefix")}}
 
 
@@ -352,7 +354,7 @@ def run(config, workdir, *, force: bool = False, generate_fn: Callable | None = 
             "decoding": _plain(g), "corpus": report.as_dict(),
             "shards": all_shard_names(len(examples), g.shard_size, pc)}
     if _store_topk(config):
-        base["topk"] = _topk_block(config, settings["teacher"])
+        base["topk"] = _topk_block(config, settings["teacher"], tok_path)
     if pi == 0:
         io_utils.atomic_write_json(io_utils.join(out_dir, MANIFEST),
                                    dict(base, status="running", updated=time.time()))

@@ -247,8 +247,7 @@ def run_distill(config, workdir) -> dict:
     cache = None
     if spec.teacher == "cached" and spec.kd_weight > 0:  # top-k KD on the generate job's cache
         from kd_flax.topk_cache import DistillCache
-        cache = DistillCache.open(config, wd, spec.topk, teacher_dir=t_dir,
-                                  tokenizer_dir=t_tok_dir,
+        cache = DistillCache.open(config, wd, spec.topk, teacher_dir=t_dir, tokenizer=tokenizer,
                                   vocab_size=model.config.vocab_size)
     if not (spec.needs_teacher or on_policy_used):
         teacher = None  # SeqKD alone: the teacher's knowledge is in the pseudo-labels

@@ -48,6 +48,16 @@ class TopKCacheError(ValueError):
     """A cache that does not fit the run (the message names what differs and what to do)."""
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What the cached ids mean: the vocabulary (token -> id) and the special tokens. Not the
+    files' bytes: the same tokenizer saved in `WORKDIR/tokenizer` and beside the trained
+    teacher differ in their files (and the teacher's dir holds its weights too)."""
+    import hashlib
+    blob = json.dumps({"vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0])),
+                       "special": sorted(map(str, tokenizer.all_special_tokens))}, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def ids_dtype(vocab_size: int):
     return np.uint16 if int(vocab_size) <= np.iinfo(np.uint16).max else np.int32
 
@@ -197,12 +207,13 @@ class DistillCache:
     rows: dict[int, tuple[np.ndarray, np.ndarray]]
 
     @classmethod
-    def open(cls, config, wd, k: int, *, teacher_dir=None, tokenizer_dir=None,
+    def open(cls, config, wd, k: int, *, teacher_dir=None, tokenizer=None,
              vocab_size: int | None = None) -> "DistillCache":
         """Reads ``wd``'s cache and refuses (`TopKCacheError`, naming what differs) one made with
-        another teacher or tokenizer (checksums; the teacher's only when its dir is present:
-        the cached path runs without it), another K, other source/target lengths, or (given
-        the student's ``vocab_size``) another vocabulary."""
+        another teacher (its checksum, when its dir is present: the cached path runs without
+        it) or another tokenizer (`tokenizer_fingerprint` of the student's ``tokenizer``),
+        another K, other source/target lengths, or (given the student's ``vocab_size``)
+        another vocabulary size."""
         from kd_flax.config_base import cfg_get
         from kd_flax import pseudo_labels
 
@@ -225,14 +236,17 @@ class DistillCache:
             if info.get(key) != cfg_get(d, key):
                 diffs.append(f"data.{key}: cache {info.get(key)!r}, this run {cfg_get(d, key)!r}")
         kw = dict(cache=wd.checksum_cache, write_cache=jax.process_index() == 0)
-        for what, path, key in (("teacher", teacher_dir, "teacher_checksum"),
-                                ("tokenizer", tokenizer_dir, "tokenizer_checksum")):
-            if path is None or not io_utils.exists(io_utils.join(path)):
-                log.info("topk cache: %s %s not present; its checksum is not compared", what, path)
-                continue
-            got = io_utils.tree_checksum(path, **kw)
-            if got != info[key]:
-                diffs.append(f"{what} checksum: cache {info[key][:12]}, {path} {got[:12]}")
+        if teacher_dir is None or not io_utils.exists(io_utils.join(teacher_dir)):
+            log.info("topk cache: teacher %s not present; its checksum is not compared", teacher_dir)
+        else:
+            got = io_utils.tree_checksum(teacher_dir, **kw)
+            if got != info["teacher_checksum"]:
+                diffs.append(f"teacher checksum: cache {info['teacher_checksum'][:12]}, {teacher_dir} {got[:12]}")
+        if tokenizer is not None:
+            got = tokenizer_fingerprint(tokenizer)
+            if got != info.get("tokenizer_fingerprint"):  # absent: a cache from before it was recorded
+                diffs.append(f"tokenizer (vocabulary and special tokens): cache "
+                             f"{(info.get('tokenizer_fingerprint') or 'not recorded')[:12]}, this run's {got[:12]}")
         if diffs:
             raise TopKCacheError(f"distill.loss.teacher='cached': the top-k cache in {out} was made "
                                  f"with other settings: " + "; ".join(diffs) +

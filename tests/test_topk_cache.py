@@ -199,8 +199,13 @@ def test_cache_that_does_not_fit_is_refused(teacher, reference, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(teacher / "teacher", other)
     (other / "added_tokens.json").write_text("{}")
-    with pytest.raises(topk_cache.TopKCacheError, match=r"teacher checksum: .*tokenizer checksum"):
-        topk_cache.DistillCache.open(_config(teacher), work, K, teacher_dir=str(other), tokenizer_dir=str(other))
+    from kd_flax import models
+    same_tok = models.load_tokenizer(str(other))  # the same vocabulary from other files: accepted
+    topk_cache.DistillCache.open(_config(teacher), work, K, tokenizer=same_tok)
+    other_tok = models.load_tokenizer(str(other))
+    other_tok.add_tokens(["zzz_not_in_the_teachers_vocab"])
+    with pytest.raises(topk_cache.TopKCacheError, match=r"teacher checksum: .*tokenizer \(vocabulary"):
+        topk_cache.DistillCache.open(_config(teacher), work, K, teacher_dir=str(other), tokenizer=other_tok)
     with pytest.raises(topk_cache.TopKCacheError, match=r"vocab size: cache \d+, student 7"):
         topk_cache.DistillCache.open(_config(teacher), work, K, vocab_size=7)
     cache, exs = _cached_examples(teacher, reference[0])
