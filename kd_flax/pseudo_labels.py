@@ -426,9 +426,11 @@ def _finish(out_dir, base, report, n_examples) -> dict:
     io_utils.atomic_write_json(io_utils.join(out_dir, MANIFEST), manifest)
     log.info("generate: done: %s", counts)
     if topk_keys:
-        log.info("generate: top-k cache (K=%d): %d bytes for %d target tokens (%.1f bytes per token)",
-                 base["topk"]["k"], counts["topk_bytes"], counts["topk_tokens"],
-                 counts["topk_bytes"] / max(counts["topk_tokens"], 1))
+        from kd_flax.metrics import PROGRESS_LOGGER  # a line the CLI shows (its default level is WARNING)
+        logging.getLogger(PROGRESS_LOGGER).info(
+            "generate: top-k cache (K=%d): %d bytes for %d target tokens (%.1f bytes per token)",
+            base["topk"]["k"], counts["topk_bytes"], counts["topk_tokens"],
+            counts["topk_bytes"] / max(counts["topk_tokens"], 1))
     return manifest
 
 
