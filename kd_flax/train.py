@@ -356,7 +356,7 @@ def make_train_step(student_graphdef, cfg, *, teacher=None, quant_rules=None, me
 
     def step_fn(state: TrainState, batch, tp):
         loss, terms, grads, on_flag, op_term = compute_grads(state.params, batch, tp, state.step, state.rng)
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
