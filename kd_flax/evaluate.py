@@ -153,17 +153,8 @@ def with_act_quant(model, quant_cfg):
     shardings kept); `model` itself when its config already has them. A saved HF dir does not
     keep these runtime fields (`models.load_pretrained` gives float activations), so without
     this an `act_bits=8` student would be scored with float activations: weight-only W8."""
-    from flax import nnx
-    from kd_flax import quant
-    fields = quant.act_config(quant_cfg) if quant_cfg is not None else {}
-    if all(getattr(model.config, k, None) == v for k, v in fields.items()):
-        return model
-    cfg = model.config.replace(**fields)
-    new = nnx.eval_shape(lambda: type(model)(cfg, rngs=nnx.Rngs(0)))
-    nnx.update(new, nnx.state(model))
-    if hasattr(model, "generation_config"):  # set by load_pretrained, not by the constructor
-        new.generation_config = model.generation_config
-    return new
+    from kd_flax import models, quant
+    return models.with_config(model, **(quant.act_config(quant_cfg) if quant_cfg is not None else {}))
 
 
 def _load(path: str, config, mesh, rules):

@@ -181,30 +181,19 @@ def run_finetune(config, workdir) -> dict:
     dev = _tokenized(_gold(config, config.data.dev), tokenizer, config)
     result = _train_stage(model, tokenizer, train_ex, dev, config, config.finetune, stage_dir)
     _exit_preempted(result, stage_dir)
-    model = _rebuilt(model, dtype="float32")
+    model = models.with_config(model, dtype="float32")
     _finish_model(model, tokenizer, wd.trained_teacher_dir)
     return {"steps": int(config.finetune.steps), "best": result.best, "evals": result.evals}
-
-
-def _rebuilt(model, **fields):
-    """The same weights under a model config with `fields` replaced (e.g. `dtype="float32"`
-    to export in float32 compute, `act_quant_bits=None` for a float stage); `model` itself
-    when nothing changes."""
-    from kd_flax import models
-    if all(getattr(model.config, k, None) == v for k, v in fields.items()):
-        return model
-    new = models.create_model(model.config.replace(**fields), nnx.Rngs(0))
-    nnx.update(new, nnx.state(model, nnx.Param))
-    return new
 
 
 def stage_model(model, rules, quantized: bool):
     """`(model, weight rules)` one `distill.stages` entry trains with. A `quant: False` stage
     trains in float: no weight fake-quant rules and the same params under a graph with
     activation fake-quant off (`act_quant_bits=None`); a quantized stage keeps both."""
+    from kd_flax import models
     if quantized:
         return model, rules
-    return _rebuilt(model, act_quant_bits=None), None
+    return models.with_config(model, act_quant_bits=None), None
 
 
 def _student_needs_teacher(sc) -> bool:
@@ -286,6 +275,6 @@ def run_distill(config, workdir) -> dict:
                                                           "on_policy_steps": n_on}})
         results.append({"targets": st["targets"], "steps": st["steps"], "best": result.best,
                         "on_policy_steps": n_on, "evals": result.evals})
-    model = _rebuilt(model, dtype="float32")
+    model = models.with_config(model, dtype="float32")
     _finish_model(model, tokenizer, wd.student_dir, info=info)
     return {"stages": results, "layer_map": info.to_dict()}

@@ -227,3 +227,24 @@ def test_unembedding_override_keeps_the_head(tied):
     own, _ = model.decode(dec, enc)
     over, _ = model.decode(dec, enc, unembedding=model.unembedding())
     np.testing.assert_array_equal(np.asarray(over), np.asarray(own))
+
+
+def test_with_config_keeps_weights_and_changes_only_the_fields():
+    """`models.with_config`: the one rebuild of a model under changed runtime fields (float
+    stages, export dtype, evaluation's activation fake-quant)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+    from kd_flax import models
+    m = models.create_model(models.tiny_config("t5"), nnx.Rngs(3))
+    m.generation_config = {"marker": 1}
+    assert models.with_config(m, act_quant_bits=None) is m  # nothing changes: the same object
+    q = models.with_config(m, act_quant_bits=8, act_quant_granularity="row")
+    assert (q.config.act_quant_bits, q.config.act_quant_granularity) == (8, "row")
+    assert q.config.replace(act_quant_bits=None, act_quant_granularity="tensor") == m.config
+    assert q.generation_config == {"marker": 1}
+    for a, b in zip(jax.tree.leaves(nnx.state(m)), jax.tree.leaves(nnx.state(q))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ids = np.array([[5, 6, 7, 1]], np.int32)
+    out = dict(input_ids=ids, attention_mask=np.ones_like(ids), decoder_input_ids=ids)
+    assert np.abs(np.asarray(q(**out)) - np.asarray(m(**out))).max() > 0  # the fake-quant acts

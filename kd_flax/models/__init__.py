@@ -33,6 +33,21 @@ def create_model(config, rngs: nnx.Rngs | None = None) -> nnx.Module:
     return family.model_cls(config, rngs=rngs if rngs is not None else nnx.Rngs(0))
 
 
+def with_config(model, **fields) -> nnx.Module:
+    """The same weights (and their shardings) under `model`'s config with `fields` replaced,
+    e.g. `dtype="float32"` to export in float32 compute, `act_quant_bits=None` for a float
+    stage, a student's activation fake-quant for evaluation; `model` itself when nothing
+    changes. Built abstractly (no random init), so only the fields' effect is new."""
+    if all(getattr(model.config, k, None) == v for k, v in fields.items()):
+        return model
+    cfg = model.config.replace(**fields)
+    new = nnx.eval_shape(lambda: create_model(cfg, nnx.Rngs(0)))
+    nnx.update(new, nnx.state(model))
+    if hasattr(model, "generation_config"):  # set by load_pretrained, not by the constructor
+        new.generation_config = model.generation_config
+    return new
+
+
 def tiny_config(model_type: str, **overrides):
     """Tiny config (d_model ≤ 32, 2 layers, vocab ~100) for tests and demos.
 
@@ -56,5 +71,5 @@ def config_from_dict(model_dict: dict, tokenizer, **extra):
     return hf.get_family(d["model_type"]).config_cls.from_hf(d).replace(**extra)
 
 
-__all__ = ["T5Config", "T5Model", "load_pretrained", "save_pretrained", "create_model",
+__all__ = ["T5Config", "T5Model", "load_pretrained", "save_pretrained", "create_model", "with_config",
            "tiny_config", "config_from_dict", "train_tokenizer", "load_tokenizer", "hf"]
