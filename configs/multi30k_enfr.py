@@ -1,0 +1,137 @@
+"""Multi30k En→Fr, real text end to end: a T5 teacher trained from scratch on the gold pairs,
+its greedy pseudo-labels for every training source, and ≥ 10×-smaller students compared as
+QuillBot and Kim & Rush compare them.
+
+    python -m kd_flax.main pipeline --config configs/multi30k_enfr.py:data=DIR --workdir runs/m30k
+
+`data=DIR`: a directory with Multi30k's six files `{train,val,test_2016_flickr}.{en,fr}[.gz]`
+(29,000 / 1,014 / 1,000 pairs); without it the recipe reads the `datasets` copy named by
+`hf=NAME` (default `bentrevett/multi30k`, which needs hub access). Other test files:
+`test=NAME+NAME` (stems inside DIR, e.g. `test=test_2016_flickr+test_2017_flickr`).
+
+Sizes: `cpu` (default; the whole pipeline on a 2-core laptop CPU) and `gpu` (models and
+steps of the published Multi30k Transformers: 6+6 layers, d 512; ≈ 58-63 BLEU reported for
+such models). `tiny`: a minutes-long smoke run (what the test runs when the files exist).
+`seed=N`: the students' seed (teacher and pseudo-labels are shared across seeds).
+
+Variants: gold-only student, SeqKD student, SeqKD → gold (QuillBot's order), word-level KD
+on the pseudo-labels (Kim & Rush's word+seq KD), SeqKD under W8A8 and W4A8 fake
+quantization, SeqKD + cached teacher top-8 (`teacher=cached`), SeqKD → on-policy (GKD).
+"""
+
+from kd_flax import config_base
+
+SIZES = ("cpu", "gpu", "tiny")
+
+
+def get_config(arg=None):
+    args = config_base.parse_arg(arg, SIZES + ("data", "hf", "test", "seed", "mesh"),
+                                 recipe="configs/multi30k_enfr.py")
+    sizes = [s for s in SIZES if s in args]
+    if len(sizes) > 1:
+        raise ValueError(f"configs/multi30k_enfr.py: pick one size of {list(SIZES)}, got {sizes}")
+    size = sizes[0] if sizes else "cpu"
+    c = config_base.base_config()
+    c.name = f"multi30k_enfr_{size}"
+    c.mesh = config_base.mesh_config(args.get("mesh", "gpu" if size == "gpu" else "cpu"))
+    c.data.src_lang, c.data.tgt_lang = "en", "fr"
+    tests = args.get("test", "test_2016_flickr").split("+")
+    if "data" in args:
+        d = args["data"].rstrip("/")
+        # The six files may be gzipped (as distributed) or not: read whichever is there.
+        suffix = _suffix(d)
+        c.data.train = f"{d}/train.{{lang}}{suffix}"
+        c.data.dev = f"{d}/val.{{lang}}{suffix}"
+        c.data.test = [f"{d}/{t}.{{lang}}{suffix}" for t in tests]
+    else:
+        name = args.get("hf", "bentrevett/multi30k")
+        c.data.train, c.data.dev = f"hf:{name}@train", f"hf:{name}@validation"
+        c.data.test = [f"hf:{name}@test"]
+    c.evaluate.splits = []  # every test set in data.test
+
+    # Joint BPE of 4,000 tokens: 15.8 EN / 16.7 FR tokens per sentence (8,000: 14.4 / 15.2),
+    # so a 4k softmax costs half of an 8k one for 10% longer sentences; 98% of pairs fit 32.
+    c.teacher.init = "scratch"
+    c.teacher.tokenizer_vocab_size = 4000 if size != "tiny" else 500
+    c.teacher.tokenizer_kind = "bpe"
+    c.data.max_source_length = c.data.max_target_length = 48
+    c.data.bucket_boundaries = (16, 24, 32, 48)
+    c.generate.max_new_tokens = c.evaluate.max_new_tokens = 48
+    # Pseudo-labels longer than 2x their source are loops (the teacher hit max_new_tokens):
+    # dropped rather than taught.
+    c.generate.filters.max_length_ratio = 2.0
+    c.evaluate.num_beams = 4
+
+    t5 = dict(model_type="t5", feed_forward_proj="relu", tie_word_embeddings=True, vocab_size=0)
+    if size == "gpu":
+        c.teacher.model = dict(t5, d_model=512, d_ff=2048, num_layers=6, num_decoder_layers=6,
+                               num_heads=8, d_kv=64, dropout_rate=0.1)
+        c.teacher.tokenizer_vocab_size = 8000
+        c.student.model = dict(t5, d_model=128, d_ff=512, num_layers=4, num_decoder_layers=2,
+                               num_heads=4, d_kv=32, dropout_rate=0.1)
+        teacher_steps, batch, steps = 30000, 128, 20000
+        c.finetune.dtype = c.distill.dtype = "bfloat16"
+    elif size == "cpu":
+        # 6.5M parameters: ~100 pairs/s on 2 cores (benchmarks/train_speed.py-style timing),
+        # so the CPU budget buys epochs over the 29k pairs, not width.
+        c.teacher.model = dict(t5, d_model=256, d_ff=1024, num_layers=3, num_decoder_layers=3,
+                               num_heads=4, d_kv=64, dropout_rate=0.1)
+        c.student.model = dict(t5, d_model=64, d_ff=256, num_layers=3, num_decoder_layers=2,
+                               num_heads=4, d_kv=16, dropout_rate=0.0)
+        teacher_steps, batch, steps = 3000, 64, 3000
+    else:
+        c.teacher.model = dict(t5, d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2,
+                               num_heads=2, d_kv=16, dropout_rate=0.1)
+        c.student.model = dict(t5, d_model=16, d_ff=32, num_layers=1, num_decoder_layers=1,
+                               num_heads=2, d_kv=8, dropout_rate=0.0)
+        teacher_steps, batch, steps = 20, 16, 10
+        c.data.max_train_examples = 400
+        c.data.bucket_boundaries = (48,)
+        c.evaluate.num_beams = 1
+        c.evaluate.batch_size = 64
+
+    c.finetune.steps, c.finetune.batch_size = teacher_steps, batch
+    c.finetune.optimizer.learning_rate = 1e-3
+    c.finetune.optimizer.warmup_steps = max(teacher_steps // 20, 1)
+    c.finetune.loss.label_smoothing = 0.1
+    c.finetune.eval_every = max(teacher_steps // 3, 1)
+    c.finetune.eval_max_examples = 500
+    c.finetune.keep_best_by = "bleu"
+    c.finetune.checkpoint_every = max(teacher_steps // 6, 1)
+
+    c.generate.batch_size, c.generate.shard_size = (256, 5000) if size != "tiny" else (64, 200)
+    c.student.init = "scratch"
+    c.seed = int(args.get("seed", 0))
+    c.distill.steps, c.distill.batch_size = steps, batch
+    c.distill.optimizer.learning_rate = 2e-3
+    c.distill.optimizer.warmup_steps = max(steps // 20, 1)
+    c.distill.eval_every = 0
+    c.distill.keep_best_by = "loss"
+    c.distill.checkpoint_every = max(steps // 4, 1)
+    c.distill.stages = [{"targets": "pseudo", "steps": steps}]
+    c.evaluate.batch_size = 128 if size != "tiny" else 64
+
+    gold_steps = max(steps // 3, 1)
+    topk = {"ce_weight": 1.0, "kd_weight": 1.0, "kd_type": "topk", "topk": 8}
+    c.generate.store_topk = 8
+    c.variants = {
+        "gold": {"distill": {"stages": [{"targets": "gold", "steps": steps}]}},
+        "seqkd": {},
+        # QuillBot's order; the gold stage decays from a lower peak instead of re-warming to 2e-3.
+        "seqkd_then_gold": {"distill": {"stages": [
+            {"targets": "pseudo", "steps": steps},
+            {"targets": "gold", "steps": gold_steps, "optimizer": {"learning_rate": 5e-4}}]}},
+        "seqkd_wordkd": {"distill": {"loss": {"kd_weight": 1.0, "kd_type": "kl"}}},
+        "seqkd_w8a8": {"student": {"quant": {"weight_bits": 8, "act_bits": 8}}},
+        "seqkd_w4a8": {"student": {"quant": {"weight_bits": 4, "act_bits": 8}}},
+        "seqkd_topk_cached": {"distill": {"loss": dict(topk, teacher="cached")}},
+        "seqkd_onpolicy": {"distill": {"stages": [{"targets": "pseudo", "steps": steps - steps // 3},
+                                                  {"targets": "student", "steps": steps // 3}]}},
+    }
+    return c
+
+
+def _suffix(d: str) -> str:
+    """'.gz' when DIR holds train.en.gz (as distributed), '' when it holds train.en."""
+    from kd_flax import io_utils
+    return ".gz" if io_utils.exists(f"{d}/train.en.gz") else ""
