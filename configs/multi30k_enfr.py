@@ -11,13 +11,17 @@ QuillBot and Kim & Rush compare them.
 
 Sizes: `cpu` (default; the whole pipeline on a 2-core laptop CPU) and `gpu` (models and
 steps of the published Multi30k Transformers: 6+6 layers, d 512; ≈ 58-63 BLEU reported for
-such models). `tiny`: a minutes-long smoke run (what the test runs when the files exist).
-`seed=N`: the students' seed (teacher and pseudo-labels are shared across seeds).
+such models). `tiny`: a minutes-long smoke run (on synthetic data without `data=`; the tests
+run it). `seed=N`: the seed of the teacher, its pseudo-labels and the students; `seeds=N`:
+every variant also with the next N-1 seeds (`<variant>_seed<k>`, teacher and pseudo-labels
+shared) and the report's "Across seeds" table.
 
 Variants: gold-only student, SeqKD student, SeqKD → gold (QuillBot's order), word-level KD
 on the pseudo-labels (Kim & Rush's word+seq KD), SeqKD under W8A8 and W4A8 fake
 quantization, SeqKD + cached teacher top-8 (`teacher=cached`), SeqKD → on-policy (GKD).
 """
+
+import copy
 
 from kd_flax import config_base
 
@@ -25,7 +29,7 @@ SIZES = ("cpu", "gpu", "tiny")
 
 
 def get_config(arg=None):
-    args = config_base.parse_arg(arg, SIZES + ("data", "hf", "test", "seed", "mesh"),
+    args = config_base.parse_arg(arg, SIZES + ("data", "hf", "test", "seed", "seeds", "mesh"),
                                  recipe="configs/multi30k_enfr.py")
     sizes = [s for s in SIZES if s in args]
     if len(sizes) > 1:
@@ -43,6 +47,10 @@ def get_config(arg=None):
         c.data.train = f"{d}/train.{{lang}}{suffix}"
         c.data.dev = f"{d}/val.{{lang}}{suffix}"
         c.data.test = [f"{d}/{t}.{{lang}}{suffix}" for t in tests]
+    elif size == "tiny" and "hf" not in args:  # the test suite's smoke run: no files needed
+        c.data.train, c.data.dev = "synthetic:train:400", "synthetic:dev:40"
+        c.data.test = ["synthetic:test0:40"]
+        c.data.src_lang, c.data.tgt_lang = "src", "tgt"
     else:
         name = args.get("hf", "bentrevett/multi30k")
         c.data.train, c.data.dev = f"hf:{name}@train", f"hf:{name}@validation"
@@ -61,6 +69,7 @@ def get_config(arg=None):
     # dropped rather than taught.
     c.generate.filters.max_length_ratio = 2.0
     c.evaluate.num_beams = 4
+    c.evaluate.also_num_beams = [1]  # greedy too: what the pseudo-labels were decoded with
 
     t5 = dict(model_type="t5", feed_forward_proj="relu", tie_word_embeddings=True, vocab_size=0)
     if size == "gpu":
@@ -87,8 +96,8 @@ def get_config(arg=None):
         teacher_steps, batch, steps = 20, 16, 10
         c.data.max_train_examples = 400
         c.data.bucket_boundaries = (48,)
-        c.evaluate.num_beams = 1
-        c.evaluate.batch_size = 64
+        c.evaluate.num_beams, c.evaluate.also_num_beams = 2, [1]
+        c.generate.filters.max_length_ratio = 0.0  # an untrained teacher loops on every source
 
     c.finetune.steps, c.finetune.batch_size = teacher_steps, batch
     c.finetune.optimizer.learning_rate = 1e-3
@@ -128,6 +137,13 @@ def get_config(arg=None):
         "seqkd_onpolicy": {"distill": {"stages": [{"targets": "pseudo", "steps": steps - steps // 3},
                                                   {"targets": "student", "steps": steps // 3}]}},
     }
+    # `seeds=N`: every variant again with seeds seed+1 .. seed+N-1 (`<name>_seed<k>`); the report
+    # adds their mean ± std across seeds. The teacher and its pseudo-labels are shared.
+    for name, ov in list(c.variants.items()) if int(args.get("seeds", 1)) > 1 else []:
+        for k in range(1, int(args["seeds"])):
+            seeded = config_base.deep_update(copy.deepcopy(ov.to_dict() if hasattr(ov, "to_dict") else ov),
+                                             {"seed": c.seed + k, "distill": {"on_policy": {"seed": k}}})
+            c.variants[f"{name}_seed{c.seed + k}"] = seeded
     return c
 
 

@@ -178,8 +178,10 @@ def base_config() -> ml_collections.ConfigDict:
                         # max_new_tokens 0 = data.max_target_length.
                         on_policy={"lmbda": 0.0, "beta": 0.5, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
                                    "max_new_tokens": 0, "loss_temperature": 1.0, "seed": 0}),
-        "evaluate": {"splits": [], "num_beams": 4, "max_new_tokens": 128, "batch_size": 32,
-                     "models": ["teacher", "student"]},
+        # also_num_beams: more beam widths scored beside num_beams (e.g. [1]: greedy too), each
+        # as extra rows `<model>_greedy` / `<model>_beam<n>`.
+        "evaluate": {"splits": [], "num_beams": 4, "also_num_beams": [], "max_new_tokens": 128,
+                     "batch_size": 32, "models": ["teacher", "student"]},
         "export": {"formats": ["hf", "int"], "ctranslate2": ""},
         # Named variations of the student run, each a dict of dotted-key overrides
         # ("student.quant.weight_bits": 8, ...). Empty = one student named "student".
@@ -543,6 +545,12 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
     axes = cfg["mesh"]["axes"]
     if not isinstance(axes, dict) or not all(isinstance(v, int) for v in axes.values()):
         problems.append(f"mesh.axes: expected a dict of axis name → int size (-1 = the rest), got {axes!r}")
+    ab = cfg["evaluate"]["also_num_beams"]
+    if not isinstance(ab, (list, tuple)) or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1
+                                                     for b in ab) or len(set(ab)) != len(ab) \
+            or cfg["evaluate"]["num_beams"] in ab:
+        problems.append(f"evaluate.also_num_beams: {ab!r} is not allowed; allowed: distinct beam widths "
+                        f">= 1 other than evaluate.num_beams ({cfg['evaluate']['num_beams']}), e.g. [1]")
     bb = cfg["data"]["bucket_boundaries"]
     if not isinstance(bb, (list, tuple)) or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1
                                                      for b in bb):

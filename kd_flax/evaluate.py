@@ -198,7 +198,9 @@ def run(config, workdir, *, load_fn: Callable | None = None,
     out_dir = Workdir.of(workdir).stage_dir("evaluate")
     writer = jax.process_index() == 0
     results: dict[str, Any] = {"splits": [n for n, _ in splits],
-                               "settings": {"num_beams": ev.num_beams, "max_new_tokens": ev.max_new_tokens,
+                               "settings": {"num_beams": ev.num_beams,
+                                            "also_num_beams": list(ev.get("also_num_beams", [])),
+                                            "max_new_tokens": ev.max_new_tokens,
                                             "batch_size": ev.batch_size, "tgt_lang": config.data.tgt_lang},
                                "models": {}}
     for mname, mpath in dirs.items():
@@ -211,22 +213,34 @@ def run(config, workdir, *, load_fn: Callable | None = None,
             model = with_act_quant(model, qcfg)  # the activation fake-quant it trained with
             apply_weight_quant(model, qcfg)
         n_params, n_bytes = param_bytes(model, qcfg) if isinstance(model, nnx.Module) else (0, 0)
-        meter = SpeedMeter()
-        translator = Translator(model, tokenizer, dict(num_beams=ev.num_beams, max_new_tokens=ev.max_new_tokens,
-                                                       length_penalty=1.0), mesh, rules,
-                                batch_size=ev.batch_size, source_prefix=config.data.source_prefix,
-                                max_source_length=config.data.max_source_length,
-                                bucket_boundaries=tuple(config.data.bucket_boundaries), generate_fn=generate_fn)
-        bleu, chrf, per_split, sigs = _score(functools.partial(translator.translate, meter=meter), data, mname,
-                                             config, out_dir if writer else None)
-        results["models"][mname] = _model_row(mpath, n_params, n_bytes, bits, bleu, chrf, per_split, meter, sigs)
+        for beams in [ev.num_beams] + list(ev.get("also_num_beams", [])):
+            row = mname + beam_suffix(beams, ev.num_beams)
+            meter = SpeedMeter()
+            translator = Translator(model, tokenizer, dict(num_beams=beams, max_new_tokens=ev.max_new_tokens,
+                                                           length_penalty=1.0), mesh, rules,
+                                    batch_size=ev.batch_size, source_prefix=config.data.source_prefix,
+                                    max_source_length=config.data.max_source_length,
+                                    bucket_boundaries=tuple(config.data.bucket_boundaries), generate_fn=generate_fn)
+            bleu, chrf, per_split, sigs = _score(functools.partial(translator.translate, meter=meter), data, row,
+                                                 config, out_dir if writer else None)
+            results["models"][row] = _model_row(mpath, n_params, n_bytes, bits, bleu, chrf, per_split, meter, sigs)
+            results["models"][row]["num_beams"] = beams
+            del translator
         if mname == "student" and ct2_quant:
             _score_ct2(results, model, tokenizer, ct2_quant, data, config, out_dir, writer)
-        del model, translator  # nothing else holds them: the next model gets the device memory
+        del model  # nothing else holds it: the next model gets the device memory
     if writer:
         io_utils.atomic_write_json(os.path.join(out_dir, "results.json"), _jsonable(results))
         io_utils.atomic_write_text(os.path.join(out_dir, "report.md"), report_markdown(results))
     return results
+
+
+def beam_suffix(beams: int, main_beams: int) -> str:
+    """Row-name suffix of a model decoded with `beams` (`evaluate.also_num_beams`): none for
+    `evaluate.num_beams` itself, `_greedy` for 1, `_beam<n>` otherwise."""
+    if beams == main_beams:
+        return ""
+    return "_greedy" if beams == 1 else f"_beam{beams}"
 
 
 def _score(translate: Callable, data, mname: str, config, out_dir):

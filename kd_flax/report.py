@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from typing import Any, Mapping, Sequence
 
 from kd_flax import io_utils
-from kd_flax.metrics import Stats, format_mean_std
+from kd_flax.metrics import Stats, format_mean_std, split_stats
 from kd_flax.workdir import Workdir
 
 
@@ -148,9 +149,67 @@ def _rows(wd: Workdir) -> list[dict]:
                 "BLEU": _mean_std(m["bleu"]),
                 "chrF": _mean_std(m["chrf"]),
                 "sentences/s": round(speed.get("sentences_per_s", float("nan")), 1),
-                "_bleu": m["bleu"]["mean"], "_size": size_mb,
+                "_bleu": m["bleu"]["mean"], "_chrf": m["chrf"]["mean"], "_size": size_mb,
             })
     return rows
+
+
+_SEED_ROW = re.compile(r"^(?P<base>.+?)_seed(?P<seed>\d+)(?P<suffix>_.*)?$")
+
+
+def seed_rows(rows: list[dict]) -> list[dict]:
+    """Rows of a variant repeated over seeds (variants `<name>_seed<k>` beside `<name>`, e.g.
+    configs/multi30k_enfr.py's `seeds=3`), reduced to mean ± sample std across the seeds of
+    each seed's BLEU / chrF (its mean over the test splits). Empty when nothing is repeated."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        m = _SEED_ROW.match(r["model"])
+        key = m["base"] + (m["suffix"] or "") if m else r["model"]
+        groups.setdefault(key, []).append(r)
+    if not any(len(g) > 1 for g in groups.values()):
+        return []
+    out = []
+    for key, g in groups.items():
+        if len(g) > 1:
+            out.append({"model": key, "seeds": len(g),
+                        "BLEU": format_mean_std(split_stats([r["_bleu"] for r in g])),
+                        "chrF": format_mean_std(split_stats([r["_chrf"] for r in g]))})
+    return out
+
+
+def stage_rows(wd: Workdir) -> list[dict]:
+    """Where the pipeline's time went: one row per finished stage (and distill sub-stage) with
+    its wall seconds and its throughput — training target tokens/s (compilation and dev
+    evaluations included), generation sentences/s."""
+    rows = []
+
+    def add(name, rec, **extra):
+        if rec is not None and rec.get("status") == "done":
+            rows.append({"stage": name, "seconds": rec.get("seconds"), "_sub": False, **extra})
+
+    fin = wd.record("finetune")
+    add("finetune (teacher)", fin, **{"train tokens/s": ((fin or {}).get("result") or {}).get("target_tokens_per_s")})
+    gen = wd.record("generate")
+    manifest = _read_json(io_utils.join(wd.pseudo_label_dir, "manifest.json"))
+    if gen is not None and manifest:
+        secs, n = manifest.get("generate_seconds") or 0.0, manifest.get("counts", {}).get("generated", 0)
+        add("generate (pseudo-labels)", gen, **{"sentences/s": round(n / secs, 1) if secs else None})
+    add("evaluate (teacher)", wd.record("evaluate"))
+    for name in wd.variants():
+        view = wd.for_variant(name)
+        dist = view.record("distill")
+        add(f"{name}: distill", dist)
+        for st in ((dist or {}).get("result") or {}).get("stages", []):
+            rows.append({"stage": f"{name}: distill {st['targets']} ({st['steps']} steps)",
+                         "seconds": st.get("train_seconds"), "train tokens/s": st.get("target_tokens_per_s"),
+                         "_sub": True})  # inside its distill row's seconds
+        add(f"{name}: evaluate", view.record("evaluate"))
+        add(f"{name}: export", view.record("export"))
+    return rows
+
+
+def _read_json(path):
+    return io_utils.read_json(path) if io_utils.exists(path) else None
 
 
 def _row_name(variant: str, model: str) -> str:
@@ -176,13 +235,31 @@ def write_report(config, workdir) -> str:
     text = (f"# {config.name}: results\n\n"
             f"BLEU and chrF: sacreBLEU, mean ± sample std over {n_splits} test split(s)"
             f"{' (multi-reference)' if _multi_ref(wd) else ''}; sentences/s: decoding on "
-            f"this machine (num_beams={config.evaluate.num_beams}).\n\n{table}\n")
+            f"this machine (num_beams={config.evaluate.num_beams}"
+            f"{_also(config)}).\n\n{table}\n")
+    across = seed_rows(rows)
+    if across:
+        text += ("\n## Across seeds\n\nEach variant trained with every seed (teacher and pseudo-labels "
+                 "shared): mean ± sample std across seeds of each run's score.\n\n"
+                 + format_table(across, ["model", "seeds", "BLEU", "chrF"]) + "\n")
+    stages = stage_rows(wd)
+    if stages:
+        total = sum(r["seconds"] or 0 for r in stages if not r["_sub"])
+        text += (f"\n## Stages\n\nWall seconds per stage on this machine ({total / 60:.1f} min in all); "
+                 f"train tokens/s: target tokens per second of training, compilation and dev "
+                 f"evaluations included.\n\n"
+                 + format_table(stages, ["stage", "seconds", "train tokens/s", "sentences/s"]) + "\n")
     png = wd.path("report.png")
     if _plot(rows, png, config.name):
         text += "\n![BLEU against model size](report.png)\n"
     io_utils.atomic_write_text(wd.path("report.md"), text)
     print(table)
     return text
+
+
+def _also(config) -> str:
+    also = list(config.evaluate.get("also_num_beams", []))
+    return f"; rows `_greedy` / `_beam<n>`: num_beams={also}" if also else ""
 
 
 def _multi_ref(wd: Workdir) -> bool:

@@ -183,7 +183,8 @@ def run_finetune(config, workdir) -> dict:
     _exit_preempted(result, stage_dir)
     model = models.with_config(model, dtype="float32")
     _finish_model(model, tokenizer, wd.trained_teacher_dir)
-    return {"steps": int(config.finetune.steps), "best": result.best, "evals": result.evals}
+    return {"steps": int(config.finetune.steps), "best": result.best, "evals": result.evals,
+            **result.throughput()}
 
 
 def stage_model(model, rules, quantized: bool):
@@ -272,9 +273,9 @@ def run_distill(config, workdir) -> dict:
             if jax.process_index() == 0:
                 workdir_lib.write_record(sub, {"stage": f"distill/{name}", "status": "done",
                                                "result": {"steps": st["steps"], "best": result.best,
-                                                          "on_policy_steps": n_on}})
+                                                          "on_policy_steps": n_on, **result.throughput()}})
         results.append({"targets": st["targets"], "steps": st["steps"], "best": result.best,
-                        "on_policy_steps": n_on, "evals": result.evals})
+                        "on_policy_steps": n_on, "evals": result.evals, **result.throughput()})
     model = models.with_config(model, dtype="float32")
     _finish_model(model, tokenizer, wd.student_dir, info=info)
     return {"stages": results, "layer_map": info.to_dict()}

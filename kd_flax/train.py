@@ -441,6 +441,14 @@ class TrainResult:
     evals: list[dict]            # {"step", "loss", "bleu", "chrf"} per evaluation
     best: dict | None            # the best evaluation by keep_best_by
     preempted: bool = False
+    seconds: float = 0.0         # wall time of this call's steps (compilation, evals, checkpoints included)
+    target_tokens: int = 0       # non-pad target tokens of this call's batches
+
+    def throughput(self) -> dict:
+        """This call's steps, wall seconds and target tokens/s (what a stage records)."""
+        n = len(self.losses)
+        return {"steps_run": n, "train_seconds": round(self.seconds, 1),
+                "target_tokens_per_s": round(self.target_tokens / self.seconds, 1) if self.seconds > 0 else None}
 
 
 def _pure(state: TrainState) -> dict:
@@ -523,13 +531,15 @@ def train(step_fn: TrainStep, state: TrainState, cfg, *, workdir: str, batches: 
     log_lines = writer_proc and not (progress and stderr_is_tty())
     it = batches(start)
     t0, n_win, n_tok = time.perf_counter(), 0, 0  # steps and target tokens since the last log
+    t_start, tok_total = t0, 0
     try:
         with _Preemption() as pre:
             for step in range(start, total):
                 if fail_at_step is not None and step >= fail_at_step:
                     raise RuntimeError(f"simulated failure at step {step}")
                 batch = model_batch(next(it))
-                n_win, n_tok = n_win + 1, n_tok + target_tokens(batch)
+                n_b = target_tokens(batch)
+                n_win, n_tok, tok_total = n_win + 1, n_tok + n_b, tok_total + n_b
                 state, m = step_fn(state, batch, teacher_params)
                 m = jax.device_get(m)
                 losses_run.append(float(m["loss"][0]))
@@ -595,7 +605,7 @@ def train(step_fn: TrainStep, state: TrainState, cfg, *, workdir: str, batches: 
         if tb is not None:
             tb.close()
     return TrainResult(state=state, losses=losses_run, start_step=start, evals=evals, best=best,
-                       preempted=preempted)
+                       preempted=preempted, seconds=time.perf_counter() - t_start, target_tokens=tok_total)
 
 
 def load_best_params(workdir: str, like_params):

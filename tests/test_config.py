@@ -11,7 +11,7 @@ import pytest
 from kd_flax import config_base, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = ["demo_cpu", "t5_enfr_seqkd", "bart_dqbart", "marian_enro"]
+RECIPES = ["demo_cpu", "t5_enfr_seqkd", "bart_dqbart", "marian_enro", "multi30k_enfr"]
 
 
 def load_recipe(name, arg=None):

@@ -271,6 +271,17 @@ def test_run_stage_with_stand_ins(tmp_path):
     report = (out / "report.md").read_text()
     assert "| student" in report and "nrefs:2" in report
     assert not [p for p in os.listdir(out) if "tmp" in p]
+    # evaluate.also_num_beams: greedy scored beside beam 2, as rows of its own.
+    config.evaluate.also_num_beams = [1]
+    calls.clear()
+    res = evaluate.run(config, str(workdir), load_fn=lambda p: (model, CharTokenizer()),
+                       generate_fn=reverse_generate(calls))
+    assert list(res["models"]) == ["student", "student_greedy"]
+    assert {c[1] for c in calls} == {1, 2}  # each width decoded (compiled) separately
+    assert res["models"]["student_greedy"]["num_beams"] == 1 and res["models"]["student"]["num_beams"] == 2
+    assert (out / "hyps" / "student_greedy" / "test0.txt").read_text().split("\n")[:3] == hyps
+    assert "| student_greedy" in (out / "report.md").read_text()
+    config.evaluate.also_num_beams = []
     # The teacher is required to exist when asked for.
     config.evaluate.models = ["teacher"]
     with pytest.raises(ValueError, match="teacher.path"):
@@ -366,3 +377,19 @@ def test_report_rows_name_each_variants_ct2_conversion():
     assert report._row_name("seqkd_w8a8", "student") == "seqkd_w8a8"
     assert report._row_name("", "student_ct2_int8") == "student_ct2_int8"
     assert report._row_name("seqkd", "teacher") == "teacher"
+
+
+def test_report_reduces_seed_repeats_to_mean_std_across_seeds():
+    """`<variant>_seed<k>` rows (and their `_greedy` rows) join their variant's row: mean ± sample
+    std (ddof=1) across the seeds, as NumPy computes it; unrepeated rows are left out."""
+    from kd_flax import report
+    bleu = {"seqkd": 30.0, "seqkd_seed1": 32.0, "seqkd_seed2": 34.5, "seqkd_greedy": 29.0,
+            "seqkd_seed1_greedy": 31.0, "seqkd_seed2_greedy": 30.0, "teacher": 40.0}
+    rows = [{"model": k, "_bleu": v, "_chrf": v + 20} for k, v in bleu.items()]
+    got = {r["model"]: r for r in report.seed_rows(rows)}
+    assert set(got) == {"seqkd", "seqkd_greedy"} and got["seqkd"]["seeds"] == 3
+    b = np.array([30.0, 32.0, 34.5])
+    assert got["seqkd"]["BLEU"] == f"{b.mean():.1f} ± {b.std(ddof=1):.1f}"
+    g = np.array([29.0, 31.0, 30.0]) + 20
+    assert got["seqkd_greedy"]["chrF"] == f"{g.mean():.1f} ± {g.std(ddof=1):.1f}"
+    assert report.seed_rows([r for r in rows if "seed" not in r["model"]]) == []

@@ -18,6 +18,7 @@ CASES = {
     "t5_enfr_seqkd": ["gold_then_seqkd"],
     "bart_dqbart": ["w2a8"],          # layer copy + word-level KD + hidden/attention MSE + ternary
     "marian_enro": ["int8"],          # SeqInter n-best selection + float then W8A8 stage
+    "multi30k_enfr": ["seqkd_topk_cached"],  # the teacher's stored top-8, greedy + beam rows
 }
 
 
@@ -86,3 +87,28 @@ def test_pretrained_student_pipeline(tmp_path, tiny_teacher_dir):
     cfg = json.load(open(os.path.join(out, "distill", "model", "config.json")))
     assert cfg["d_model"] == 32  # the pretrained student's shape, not the recipe's scratch student
     assert any(not np.array_equal(final[k], start[k]) for k in start)  # and it was trained
+
+
+SHARED_M30K = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
+                           "data", "multi30k")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_M30K, "train.en.gz")),
+                    reason="the shared Multi30k files are not beside this checkout")
+def test_multi30k_recipe_reads_the_real_files(tmp_path):
+    """`data=DIR` on the real six files (the first 400 training pairs, tiny models): every split
+    read, the report names the stages with their throughput and both decodings."""
+    workdir = str(tmp_path / "m30k")
+    config = load_recipe("multi30k_enfr", f"tiny,data={SHARED_M30K}")
+    main.run("pipeline", config, workdir, variants=["seqkd"])
+    results = json.load(open(os.path.join(workdir, "variants", "seqkd", "evaluate", "results.json")))
+    assert results["splits"] == ["test_2016_flickr"]
+    assert results["models"]["student"]["splits"]["test_2016_flickr"]["sentences"] == 1000
+    assert set(results["models"]) == {"student", "student_greedy"}
+    fin = json.load(open(os.path.join(workdir, "finetune", "stage.json")))["result"]
+    assert fin["steps_run"] == config.finetune.steps and fin["target_tokens_per_s"] > 0
+    report = open(os.path.join(workdir, "report.md")).read()
+    assert "| seqkd_greedy" in report and "| teacher_greedy" in report
+    assert "## Stages" in report and "| generate (pseudo-labels)" in report
+    assert "| seqkd: distill pseudo (10 steps)" in report
