@@ -77,6 +77,21 @@ def stage_record(stage: str, cfg: dict, hashes: dict[str, str], inputs: dict[str
                                   {u: hashes[u] for u in _UPSTREAM[stage] if u in hashes}, inputs)
 
 
+def distill_prefix_hashes(config, wd: Workdir, hashes: dict[str, str], *, write_cache: bool = True) -> list[str]:
+    """One hash per `distill.stages` entry i: the distill stage's own hash (`stage_record`:
+    its keys, upstream hashes and input digests) computed as if `distill.stages` ended at
+    entry i. Sub-stage i of two variants with the same prefix hash trains to the same params;
+    the last entry's is the distill stage's hash."""
+    out = []
+    for i in range(len(config.distill.stages)):
+        c = config.copy_and_resolve_references()
+        with c.unlocked():
+            c.distill.stages = [dict(st) for st in config.distill.stages][:i + 1]
+        out.append(stage_record("distill", wd.portable(c.to_dict()), hashes,
+                                stage_inputs("distill", c, wd, write_cache=write_cache))["config_hash"])
+    return out
+
+
 def stage_inputs(stage: str, config, wd: Workdir, *, write_cache: bool = True) -> dict[str, str]:
     """Content digests of the files `stage` reads, by role: the teacher's weights and
     tokenizer, the corpus files, a pretrained student. An input that does not exist yet is
@@ -175,7 +190,8 @@ def run_stage(stage: str, fn: Callable[[Any, Workdir], Any], config, workdir, ha
     `workdir`: a `Workdir` (a variant's view for the student stages) or a path. The record
     holds the stage's config keys, its upstream records' hashes and the content digests of
     what it reads (`stage_inputs`); `force` also reaches a stage function that takes it (the
-    teacher job). A stage that fails having produced nothing leaves no record behind."""
+    teacher job), and distill gets its sub-stages' `distill_prefix_hashes`. A stage that fails
+    having produced nothing leaves no record behind."""
     import inspect
     wd = Workdir.of(workdir)
     directory = wd.stage_dir(stage)
@@ -191,7 +207,10 @@ def run_stage(stage: str, fn: Callable[[Any, Workdir], Any], config, workdir, ha
     if is_writer:
         workdir_lib.write_record(directory, dict(rec, status="running", started=time.time()))
     t0 = time.time()
-    kw = {"force": force} if "force" in inspect.signature(fn).parameters else {}
+    params = inspect.signature(fn).parameters
+    kw = {"force": force} if "force" in params else {}
+    if "prefix_hashes" in params:
+        kw["prefix_hashes"] = distill_prefix_hashes(config, wd, hashes, write_cache=is_writer)
     try:
         result = fn(config, wd, **kw)
     except BaseException:

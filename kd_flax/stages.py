@@ -204,12 +204,45 @@ def _student_needs_teacher(sc) -> bool:
     return sc.init == "layer_copy" or (sc.init == "scratch" and "model_type" not in model)
 
 
-def run_distill(config, workdir) -> dict:
+def _done(record: dict | None) -> bool:
+    return record is not None and record.get("status") == "done"
+
+
+def _reusable_sub_stage(wd: Workdir, name: str, prefix_hash: str) -> str | None:
+    """A finished sub-stage `name` (`distill/<i>_<targets>`) with `prefix_hash` in another
+    variant of the same workdir (or its non-variant `distill`), as a path below the root."""
+    own = wd.stage_dir("distill", name)
+    for view in [Workdir(wd.root)] + [Workdir(wd.root, v) for v in wd.variants()]:
+        path = view.stage_dir("distill", name)
+        rec = workdir_lib.read_record(path) if path != own else None
+        if rec and rec.get("status") == "done" and rec.get("prefix_hash") == prefix_hash:
+            return path[len(wd.root):].lstrip("/")
+    return None
+
+
+def _reuse_sub_stage(wd: Workdir, name: str, source: str) -> None:
+    """Copies sub-stage `source` (checkpoints, best, logs) into this view's `distill/<name>`,
+    its record last (a copy cut short leaves no record: the next run copies again)."""
+    from kd_flax import io_utils
+    sub, src = wd.stage_dir("distill", name), wd.path(source)
+    log.info("distill/%s: reusing %s (same config)", name, source)
+    io_utils.rmtree(sub)  # an interrupted run's own partial checkpoints
+    for f in io_utils.listdir(src):
+        if f != workdir_lib.RECORD:
+            io_utils.copy_tree(io_utils.join(src, f), io_utils.join(sub, f))
+    workdir_lib.write_record(sub, dict(workdir_lib.read_record(src), reused_from=source))
+
+
+def run_distill(config, workdir, *, prefix_hashes: list[str] | None = None) -> dict:
     """Stage `distill`: the student on pseudo-labels (`workdir/generate`) and/or gold data,
     one sub-stage per `distill.stages` entry (e.g. QuillBot's pseudo then gold), each resumable.
 
     Writes `workdir/distill/<i>_<targets>/{ckpt,best,tb}` and the final student as an HF dir in
     `workdir/distill/model` (tokenizer + `kd_flax_layer_map` in its config.json).
+
+    `prefix_hashes` (`main.distill_prefix_hashes`, which `main.run_stage` passes): one per
+    sub-stage, kept in its record; an unfinished sub-stage whose prefix hash a finished one of
+    another variant has is copied from it (`reused_from`) instead of trained again.
     """
     from kd_flax import models, pseudo_labels, quant
     from kd_flax import student as student_lib
@@ -243,10 +276,18 @@ def run_distill(config, workdir) -> dict:
         teacher = None  # SeqKD alone: the teacher's knowledge is in the pseudo-labels
     rules = quant.rules_for(model, config.student.quant)
     dev = _tokenized(_gold(config, config.data.dev), tokenizer, config)
+    is_writer = jax.process_index() == 0
     results = []
     for i, st in enumerate(stages):
         name = f"{i}_{st['targets']}"
         sub = wd.stage_dir("distill", name)
+        if prefix_hashes and is_writer and not _done(workdir_lib.read_record(sub)):
+            source = _reusable_sub_stage(wd, name, prefix_hashes[i])
+            if source is not None:
+                _reuse_sub_stage(wd, name, source)
+        if prefix_hashes and jax.process_count() > 1:  # the others read what process 0 copied
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"distill-{name}-reuse")
         if st["targets"] == "pseudo":
             raw = pseudo_labels.load_pseudo_labels(wd.pseudo_label_dir)
         elif st["targets"] in ("gold", "student"):  # a student stage uses the sources only
@@ -258,8 +299,7 @@ def run_distill(config, workdir) -> dict:
         tcfg = _with(dc, {"steps": int(st["steps"]), "on_policy": stage_op,
                           "optimizer": dict(st.get("optimizer") or {})})
         s_model, s_rules = stage_model(model, rules, bool(st.get("quant", True)))
-        sub_record = workdir_lib.read_record(sub)
-        done = sub_record is not None and sub_record.get("status") == "done"  # finished earlier: its final params
+        done = _done(workdir_lib.read_record(sub))  # finished earlier (or reused): its final params
         train_ex = _tokenized(raw, tokenizer, config)
         if cache is not None and st["targets"] != "student":  # a student stage's targets are sampled
             train_ex = cache.attach(train_ex, st["targets"], f"distill.stages[{i}]")
@@ -270,8 +310,9 @@ def run_distill(config, workdir) -> dict:
         n_on = sum(on_policy.on_policy_steps(on_policy.OnPolicySpec.from_config(stage_op), int(st["steps"])))
         if not done:
             _exit_preempted(result, sub)
-            if jax.process_index() == 0:
+            if is_writer:
                 workdir_lib.write_record(sub, {"stage": f"distill/{name}", "status": "done",
+                                               "prefix_hash": prefix_hashes[i] if prefix_hashes else None,
                                                "result": {"steps": st["steps"], "best": result.best,
                                                           "on_policy_steps": n_on, **result.throughput()}})
         results.append({"targets": st["targets"], "steps": st["steps"], "best": result.best,

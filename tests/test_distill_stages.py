@@ -120,3 +120,53 @@ def test_stage_optimizer_overrides_distill_optimizer(tmp_path, tiny_teacher_dir,
     c.distill.stages = [{"targets": "gold", "steps": 1, "optimizer": {"schedule": "cosin", "warmup_steps": -1}}]
     with pytest.raises(config_base.ConfigError, match=r"stages\[0\]\.optimizer\.schedule: 'cosin' is not allowed"):
         config_base.validate(c, check_paths=False)
+
+
+def test_variant_reuses_an_identical_distill_sub_stage(tmp_path, tiny_teacher_dir, caplog):
+    """Variant b = [pseudo 3, gold 2] copies the [pseudo 3] sub-stage variant a trained with
+    the same config (its record names the source) and ends bit for bit where b trained alone
+    ends; variant c, the same stage at another learning rate, trains its own."""
+    import logging
+    import os
+    import shutil
+    from safetensors.numpy import load_file
+    from kd_flax import main
+
+    c = load_recipe("demo_cpu", "tiny")
+    c.teacher.init, c.teacher.path, c.teacher.tokenizer = "pretrained", tiny_teacher_dir, tiny_teacher_dir
+    c.finetune.steps = 0
+    c.data.train = _corpus(tmp_path / "train.jsonl", 16, 1)
+    c.data.dev = _corpus(tmp_path / "dev.jsonl", 4, 2)
+    c.distill.batch_size = 8
+    pseudo = {"targets": "pseudo", "steps": 3}
+    c.variants = {"a": {"distill": {"stages": [pseudo]}},
+                  "b": {"distill": {"stages": [pseudo, {"targets": "gold", "steps": 2}]}},
+                  "c": {"distill": {"stages": [pseudo], "optimizer": {"learning_rate": 1e-4}}}}
+    shared, alone = str(tmp_path / "shared"), str(tmp_path / "alone")
+    fresh = c.copy_and_resolve_references  # a run points the config at its workdir's data files
+    main.run("generate", fresh(), shared)
+    shutil.copytree(shared, alone)  # the same pseudo-labels, nothing distilled yet
+    with caplog.at_level(logging.INFO, logger="kd_flax.stages"):
+        main.run("distill", fresh(), shared, variants=["a", "b", "c"])
+    main.run("distill", fresh(), alone, variants=["b"])
+
+    def record(root, v, name):
+        return json.load(open(os.path.join(root, "variants", v, "distill", name, "stage.json")))
+
+    a0, b0, c0 = (record(shared, v, "0_pseudo") for v in "abc")
+    assert b0["reused_from"] == "variants/a/distill/0_pseudo" and b0["prefix_hash"] == a0["prefix_hash"]
+    assert "distill/0_pseudo: reusing variants/a/distill/0_pseudo (same config)" in caplog.text
+    assert "reused_from" not in record(shared, "b", "1_gold") and "reused_from" not in record(alone, "b", "0_pseudo")
+    assert "reused_from" not in c0 and c0["prefix_hash"] != a0["prefix_hash"]
+    assert record(alone, "b", "0_pseudo")["prefix_hash"] == b0["prefix_hash"]  # the hash is the workdir's own
+    # The last sub-stage's prefix hash is the distill stage's own hash.
+    stage = json.load(open(os.path.join(shared, "variants", "b", "distill", "stage.json")))
+    assert record(shared, "b", "1_gold")["prefix_hash"] == stage["config_hash"]
+
+    def weights(root, v):
+        return load_file(os.path.join(root, "variants", v, "distill", "model", "model.safetensors"))
+
+    reused, trained = weights(shared, "b"), weights(alone, "b")
+    assert reused.keys() == trained.keys()
+    assert all(np.array_equal(reused[k], trained[k]) for k in trained)
+    assert any(not np.array_equal(weights(shared, "a")[k], trained[k]) for k in trained)  # b trained on after a
