@@ -200,7 +200,8 @@ def stage_rows(wd: Workdir) -> list[dict]:
         dist = view.record("distill")
         add(f"{name}: distill", dist)
         for st in ((dist or {}).get("result") or {}).get("stages", []):
-            rows.append({"stage": f"{name}: distill {st['targets']} ({st['steps']} steps)",
+            reused = f", reused from {st['reused_from']}" if st.get("reused_from") else ""
+            rows.append({"stage": f"{name}: distill {st['targets']} ({st['steps']} steps{reused})",
                          "seconds": st.get("train_seconds"), "train tokens/s": st.get("target_tokens_per_s"),
                          "_sub": True})  # inside its distill row's seconds
         add(f"{name}: evaluate", view.record("evaluate"))

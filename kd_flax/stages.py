@@ -299,7 +299,8 @@ def run_distill(config, workdir, *, prefix_hashes: list[str] | None = None) -> d
         tcfg = _with(dc, {"steps": int(st["steps"]), "on_policy": stage_op,
                           "optimizer": dict(st.get("optimizer") or {})})
         s_model, s_rules = stage_model(model, rules, bool(st.get("quant", True)))
-        done = _done(workdir_lib.read_record(sub))  # finished earlier (or reused): its final params
+        sub_rec = workdir_lib.read_record(sub)
+        done = _done(sub_rec)  # finished earlier (or reused): its final params
         train_ex = _tokenized(raw, tokenizer, config)
         if cache is not None and st["targets"] != "student":  # a student stage's targets are sampled
             train_ex = cache.attach(train_ex, st["targets"], f"distill.stages[{i}]")
@@ -308,15 +309,19 @@ def run_distill(config, workdir, *, prefix_hashes: list[str] | None = None) -> d
         if s_model is not model:  # the next stage starts from what this one trained
             nnx.update(model, nnx.state(s_model, nnx.Param))
         n_on = sum(on_policy.on_policy_steps(on_policy.OnPolicySpec.from_config(stage_op), int(st["steps"])))
-        if not done:
+        speed = result.throughput()
+        if done:  # trained earlier, or by the variant it was reused from: that run's figures
+            speed = {k: (sub_rec.get("result") or {}).get(k) for k in speed}
+            speed["reused_from"] = sub_rec.get("reused_from")
+        else:
             _exit_preempted(result, sub)
             if is_writer:
                 workdir_lib.write_record(sub, {"stage": f"distill/{name}", "status": "done",
                                                "prefix_hash": prefix_hashes[i] if prefix_hashes else None,
                                                "result": {"steps": st["steps"], "best": result.best,
-                                                          "on_policy_steps": n_on, **result.throughput()}})
+                                                          "on_policy_steps": n_on, **speed}})
         results.append({"targets": st["targets"], "steps": st["steps"], "best": result.best,
-                        "on_policy_steps": n_on, "evals": result.evals, **result.throughput()})
+                        "on_policy_steps": n_on, "evals": result.evals, **speed})
     model = models.with_config(model, dtype="float32")
     _finish_model(model, tokenizer, wd.student_dir, info=info)
     return {"stages": results, "layer_map": info.to_dict()}

@@ -162,6 +162,10 @@ def test_variant_reuses_an_identical_distill_sub_stage(tmp_path, tiny_teacher_di
     # The last sub-stage's prefix hash is the distill stage's own hash.
     stage = json.load(open(os.path.join(shared, "variants", "b", "distill", "stage.json")))
     assert record(shared, "b", "1_gold")["prefix_hash"] == stage["config_hash"]
+    # b's result reports the reused sub-stage with a's training figures (what the report shows).
+    b_stages = stage["result"]["stages"]
+    assert b_stages[0]["reused_from"] == "variants/a/distill/0_pseudo" and b_stages[0]["steps_run"] == 3
+    assert b_stages[1]["steps_run"] == 2 and b_stages[1].get("reused_from") is None
 
     def weights(root, v):
         return load_file(os.path.join(root, "variants", v, "distill", "model", "model.safetensors"))
