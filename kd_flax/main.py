@@ -83,10 +83,18 @@ def distill_prefix_hashes(config, wd: Workdir, hashes: dict[str, str], *, write_
     entry i. Sub-stage i of two variants with the same prefix hash trains to the same params;
     the last entry's is the distill stage's hash."""
     out = []
+    q = config.student.quant
+    quantized = bool(q.weight_bits or q.act_bits)
     for i in range(len(config.distill.stages)):
         c = config.copy_and_resolve_references()
+        prefix = [dict(st) for st in config.distill.stages][:i + 1]
         with c.unlocked():
-            c.distill.stages = [dict(st) for st in config.distill.stages][:i + 1]
+            if not (quantized and any(st.get("quant", True) for st in prefix)):
+                # A float prefix trains the same whatever student.quant says for later stages:
+                # [float SeqKD, W8A8 fine-tuning] reuses plain SeqKD's sub-stage 0.
+                c.student.quant = config_base.base_config().student.quant
+                prefix = [{k: v for k, v in st.items() if k != "quant"} for st in prefix]
+            c.distill.stages = prefix
         out.append(stage_record("distill", wd.portable(c.to_dict()), hashes,
                                 stage_inputs("distill", c, wd, write_cache=write_cache))["config_hash"])
     return out

@@ -242,3 +242,25 @@ def test_model_key_check_does_not_swallow_bugs(monkeypatch):
         config_base._model_key_problems({"teacher": {"model": {"model_type": "t5", "num_layers": 1}}})
     assert config_base._model_key_problems({"teacher": {"model": {"model_type": "nope", "x": 1}},
                                             "student": {"model": {"x": 1}}}) == []
+
+
+def test_float_prefix_hash_ignores_later_quantization(tmp_path):
+    """[float SeqKD, W8A8 fine-tuning] shares plain SeqKD's sub-stage 0 hash (so it is reused);
+    a quantized first stage, another stage length or another loss does not."""
+    from kd_flax.workdir import Workdir
+    wd = Workdir.of(str(tmp_path))
+
+    def hashes(stages, **quant):
+        c = load_recipe("demo_cpu", "tiny")
+        with c.unlocked():
+            c.distill.stages = stages
+            c.student.quant.update(quant)
+        return main.distill_prefix_hashes(c, wd, {"generate": "g"}, write_cache=False)
+
+    plain = hashes([{"targets": "pseudo", "steps": 3}])
+    w8a8 = hashes([{"targets": "pseudo", "steps": 3, "quant": False}, {"targets": "pseudo", "steps": 2}],
+                  weight_bits=8, act_bits=8)
+    assert w8a8[0] == plain[0] and w8a8[1] != plain[0]
+    assert hashes([{"targets": "pseudo", "steps": 3}], weight_bits=8, act_bits=8)[0] != plain[0]
+    assert hashes([{"targets": "pseudo", "steps": 4}])[0] != plain[0]
+    assert hashes([{"targets": "pseudo", "steps": 3, "quant": False}])[0] == plain[0]  # no bits: the flag is moot
