@@ -2,13 +2,12 @@
 `quant: False` stage used to be fake-quantized like the others)."""
 
 import json
-import types
 
 import jax
 import numpy as np
 from flax import nnx
 
-from kd_flax import models, quant, stages, synthetic
+from kd_flax import models, quant, stages, synthetic, train
 from test_config import load_recipe
 
 
@@ -50,7 +49,7 @@ def test_float_stage_trains_unquantized_then_the_quant_stage_quantized(tmp_path,
                      "start": jax.tree.map(np.asarray, nnx.to_pure_dict(params))})
         nnx.update(model, jax.tree.map(lambda p: p + 0.01, params))  # "training"
         seen[-1]["end"] = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-        return types.SimpleNamespace(preempted=False, best=None, evals=[])
+        return train.TrainResult(state=None, losses=[], start_step=0, evals=[], best=None)
 
     monkeypatch.setattr(stages, "_train_stage", fake_train_stage)
     monkeypatch.setattr(stages, "_finish_model", lambda *a, **k: None)
@@ -99,7 +98,7 @@ def test_stage_optimizer_overrides_distill_optimizer(tmp_path, tiny_teacher_dir,
 
     def fake_train_stage(model, tokenizer, train_ex, dev, config, tcfg, stage_dir, **kw):
         seen.append(tcfg)
-        return types.SimpleNamespace(preempted=False, best=None, evals=[])
+        return train.TrainResult(state=None, losses=[], start_step=0, evals=[], best=None)
 
     monkeypatch.setattr(stages, "_train_stage", fake_train_stage)
     monkeypatch.setattr(stages, "_finish_model", lambda *a, **k: None)
