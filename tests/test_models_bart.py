@@ -261,3 +261,23 @@ def test_config_round_trip_and_errors():
         model.encode(ids, jnp.ones_like(ids))
     with pytest.raises(ValueError, match="decoder_input_ids"):
         model(input_ids=ids[:, :4])
+
+
+@pytest.mark.parametrize("model_type", ["bart", "mbart", "marian"])
+def test_from_scratch_config_forces_the_tokenizers_eos(model_type):
+    """A BART-family model built for a kd_flax tokenizer (pad 0, eos 1, unk 2) forces that EOS
+    at the length limit, not HF's default id 2 (BART's </s>, here <unk>); an explicit value
+    (None: no forcing) is kept."""
+    class Tok:
+        pad_token_id, eos_token_id = 0, 1
+
+        def __len__(self):
+            return 100
+
+    spec = dict(model_type=model_type, d_model=16, encoder_layers=1, decoder_layers=1,
+                encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32)
+    cfg = models.config_from_dict(spec, Tok())
+    assert (cfg.pad_token_id, cfg.eos_token_id, cfg.forced_eos_token_id) == (0, 1, 1)
+    assert models.config_from_dict(dict(spec, forced_eos_token_id=None), Tok()).forced_eos_token_id is None
+    settings = decoding.resolve_settings(models.create_model(cfg, nnx.Rngs(0)), max_new_tokens=4)
+    assert settings.forced_eos_token_id == (1,)

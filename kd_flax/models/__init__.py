@@ -6,6 +6,8 @@ Families register themselves into the :mod:`kd_flax.models.hf` registry on impor
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib
 
 from flax import nnx
@@ -68,7 +70,12 @@ def config_from_dict(model_dict: dict, tokenizer, **extra):
         if getattr(tokenizer, tok_attr, None) is not None:
             d.setdefault(key, getattr(tokenizer, tok_attr))
     d.setdefault("decoder_start_token_id", d.get("pad_token_id", 0))
-    return hf.get_family(d["model_type"]).config_cls.from_hf(d).replace(**extra)
+    cls = hf.get_family(d["model_type"]).config_cls
+    # The BART family forces EOS at the length limit with HF's default id 2 (BART's </s>); a
+    # model built for another tokenizer must force that tokenizer's EOS (2 is <unk> in ours).
+    if "forced_eos_token_id" in {f.name for f in dataclasses.fields(cls)} and "eos_token_id" in d:
+        d.setdefault("forced_eos_token_id", d["eos_token_id"])
+    return cls.from_hf(d).replace(**extra)
 
 
 __all__ = ["T5Config", "T5Model", "load_pretrained", "save_pretrained", "create_model", "with_config",
