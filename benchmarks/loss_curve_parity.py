@@ -1,4 +1,4 @@
-"""Loss-curve parity: kd_flax's train step vs a transformers PyTorch T5 (issue 16).
+"""Loss-curve parity: kd_flax's train step vs a transformers PyTorch T5 or mBART (issue 16).
 
 Question answered: is there a training inefficiency in kd_flax itself? If kd_flax's model,
 loss, gradient and optimizer step are all right, a kd_flax T5 and a transformers
@@ -6,6 +6,32 @@ loss, gradient and optimizer step are all right, a kd_flax T5 and a transformers
 use the *same optimizer* must trace the same loss curve up to float32 noise. Any gap early
 on points at one component, so the script also compares, on the first batch, the loss, the
 gradient of every tensor and the parameters after one update.
+
+`--arch mbart` runs the same comparison for kd_flax's BART-family model with
+`model_type="mbart"` (pre-LN, final encoder/decoder layer_norm, layernorm_embedding, learned
+positions with the offset of 2, `scale_embedding`, tied embeddings + `final_logits_bias`)
+against transformers' `MBartForConditionalGeneration`. The config is the multi30k recipe's
+(`configs/multi30k_enfr.py`, `model(...)`): relu, `scale_embedding=True`,
+`max_position_embeddings=64` (so `--src_len/--tgt_len` <= 64), all dropouts 0, no forced EOS,
+with the script's ids (pad 0, eos 1, decoder start 0, bos 0); `--d_model --d_ff --heads
+--enc_layers --dec_layers --vocab --untied` size it (`--ff` is its `activation_function`;
+`--d_kv` is ignored: head dim = d_model / heads). Weights go kd_flax -> HF exactly as for
+T5 (`save_pretrained`, then `from_pretrained` with no missing/unexpected keys). Two
+training-time differences between the libraries are removed on the torch side, so the
+comparison is exact and measures kd_flax's *own* behaviour:
+  * `final_logits_bias`: transformers registers it as a buffer (never trained); kd_flax
+    makes it a Param that is trained and, since `train.decay_mask` only exempts leaves
+    named exactly `bias` (and norms), also weight-decayed. The torch copy is turned into
+    an `nn.Parameter` that the same name rule puts in the decay group.
+  * the pad row of the token embedding: transformers' `nn.Embedding(padding_idx=pad)` gives
+    the looked-up pad row no gradient; kd_flax's lookup does (here it matters: pad is also
+    the decoder start token, so every target's first input is that row). torch's
+    `padding_idx` is cleared. (The row still gets the tied LM head's gradient on both sides.)
+The attention key biases (`k_proj.bias`, mBART only: T5 has no biases) are left out of the
+per-tensor comparisons: their exact gradient is 0 (a key bias adds the same q.b to every
+score of a query, which the softmax cancels), so both sides hold float noise there (~1e-12,
+printed on the first-batch line), which Adam scales into lr-sized random steps of a tensor
+that does not change the model's outputs.
 
 Both sides are deterministic: dropout is 0 (kd_flax also gets no dropout key effect at rate 0;
 torch runs `model.train()` with p=0), label smoothing 0, a constant learning rate with no
@@ -43,6 +69,7 @@ import argparse
 import csv
 import gzip
 import os
+import re
 import tempfile
 import time
 
@@ -52,6 +79,9 @@ import numpy as np
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     a = p.add_argument
+    a("--arch", choices=("t5", "mbart"), default="t5",
+      help="t5: T5 (v1.0/v1.1) vs T5ForConditionalGeneration; mbart: the multi30k recipe's mBART "
+           "vs MBartForConditionalGeneration")
     a("--steps", type=int, default=200)
     a("--batch", type=int, default=32)
     a("--src_len", type=int, default=16)
@@ -63,12 +93,13 @@ def parse_args():
     a("--clip", type=float, default=1.0, help="global-norm clip (0 = off)")
     a("--d_model", type=int, default=128)
     a("--d_ff", type=int, default=512)
-    a("--d_kv", type=int, default=32)
+    a("--d_kv", type=int, default=32, help="t5 only (mbart: d_model / heads)")
     a("--heads", type=int, default=4)
     a("--enc_layers", type=int, default=2)
     a("--dec_layers", type=int, default=2)
     a("--vocab", type=int, default=1000)
-    a("--ff", default="relu", help="feed_forward_proj: relu (T5 v1.0) or gated-gelu (v1.1)")
+    a("--ff", default="relu", help="t5: feed_forward_proj, relu (T5 v1.0) or gated-gelu (v1.1); "
+                                   "mbart: activation_function (relu, like the recipe)")
     a("--untied", action="store_true", help="separate lm_head (default: tied, like T5 v1.0)")
     a("--seed", type=int, default=0)
     a("--log_every", type=int, default=10)
@@ -198,6 +229,75 @@ def torch_loss(tmodel, tb):
     return (nll * w).sum() / w.sum()
 
 
+def kd_config(args):
+    """kd_flax config of `--arch` at the command line's size."""
+    from kd_flax import models
+    if args.arch == "t5":
+        overrides = {}
+        if args.untied:
+            overrides.update(tie_word_embeddings=False, scale_decoder_outputs=False)
+        return models.tiny_config("t5", vocab_size=args.vocab, d_model=args.d_model, d_ff=args.d_ff,
+                                  d_kv=args.d_kv, num_heads=args.heads, encoder_layers=args.enc_layers,
+                                  decoder_layers=args.dec_layers, relative_attention_num_buckets=32,
+                                  relative_attention_max_distance=128, feed_forward_proj=args.ff,
+                                  dropout_rate=0.0, **overrides)
+    # The multi30k recipe's `model(...)` dict, through the recipe's own path (config_from_dict).
+    d = dict(model_type="mbart", vocab_size=args.vocab, d_model=args.d_model, encoder_layers=args.enc_layers,
+             decoder_layers=args.dec_layers, encoder_attention_heads=args.heads,
+             decoder_attention_heads=args.heads, encoder_ffn_dim=args.d_ff, decoder_ffn_dim=args.d_ff,
+             activation_function=args.ff, scale_embedding=True, max_position_embeddings=64, dropout=0.0,
+             forced_eos_token_id=None,
+             attention_dropout=0.0, activation_dropout=0.0,  # BartConfig's defaults; explicit here
+             pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=START, bos_token_id=0)
+    if args.untied:
+        d["tie_word_embeddings"] = False
+    return models.config_from_dict(d, tokenizer=None)
+
+
+# transformers class of each arch, and its config fields that must be 0 for a deterministic run.
+HF_CLASS = {"t5": "T5ForConditionalGeneration", "mbart": "MBartForConditionalGeneration"}
+HF_ZERO = {"t5": ("dropout_rate",),
+           "mbart": ("dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop",
+                     "decoder_layerdrop")}
+
+
+# Tensors whose exact gradient is 0 (softmax shift invariance: see the module docstring); the
+# per-tensor comparisons skip them (they only hold float noise on both sides).
+ZERO_GRAD = re.compile(r"\.k_proj\.bias$")
+
+
+def build_models(args):
+    """(kd_flax model, transformers torch model) of `--arch` with the same weights."""
+    import torch
+    import transformers
+    from flax import nnx
+
+    from kd_flax import models
+
+    model = models.create_model(kd_config(args), nnx.Rngs(args.seed))
+    # Same weights: kd_flax's own HF export, loaded by transformers (no missing/unexpected keys).
+    with tempfile.TemporaryDirectory() as d:
+        models.save_pretrained(model, d)
+        tmodel, info = getattr(transformers, HF_CLASS[args.arch]).from_pretrained(
+            d, dtype=torch.float32, output_loading_info=True)
+    bad = {k: v for k, v in info.items() if v}
+    assert not bad, f"HF load not clean: {bad}"
+    for k in HF_ZERO[args.arch]:
+        assert getattr(tmodel.config, k) == 0.0, (k, getattr(tmodel.config, k))
+    if args.arch == "mbart":  # make torch train what kd_flax trains (see the module docstring)
+        tmodel.final_logits_bias = torch.nn.Parameter(tmodel.final_logits_bias.detach().clone())
+        if not tmodel.config.tie_word_embeddings:
+            # Untied, transformers keeps an unused `model.shared` (kd_flax exports the encoder table
+            # under that name too): alias it to the encoder's table so it is one tensor, as in kd_flax.
+            assert torch.equal(tmodel.model.shared.weight, tmodel.model.encoder.embed_tokens.weight)
+            tmodel.model.shared = tmodel.model.encoder.embed_tokens
+        for m in tmodel.modules():
+            if isinstance(m, torch.nn.Embedding):
+                m.padding_idx = None
+    tmodel.train()  # dropout p=0: deterministic, but the training code path
+    return model, tmodel
+
+
 def rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
@@ -208,9 +308,7 @@ def main():
     import jax
     import torch
     from flax import nnx
-    from transformers import T5ForConditionalGeneration
 
-    from kd_flax import models
     from kd_flax import train as T
     from kd_flax.models import hf
 
@@ -223,23 +321,7 @@ def main():
     else:
         batches = synthetic_batches(args)
 
-    overrides = {}
-    if args.untied:
-        overrides.update(tie_word_embeddings=False, scale_decoder_outputs=False)
-    cfg = models.tiny_config("t5", vocab_size=args.vocab, d_model=args.d_model, d_ff=args.d_ff, d_kv=args.d_kv,
-                             num_heads=args.heads, encoder_layers=args.enc_layers, decoder_layers=args.dec_layers,
-                             relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                             feed_forward_proj=args.ff, dropout_rate=0.0, **overrides)
-    model = models.create_model(cfg, nnx.Rngs(args.seed))
-
-    # Same weights: kd_flax's own HF export, loaded by transformers (no missing/unexpected keys).
-    with tempfile.TemporaryDirectory() as d:
-        models.save_pretrained(model, d)
-        tmodel, info = T5ForConditionalGeneration.from_pretrained(d, dtype=torch.float32, output_loading_info=True)
-    bad = {k: v for k, v in info.items() if v}
-    assert not bad, f"HF load not clean: {bad}"
-    assert tmodel.config.dropout_rate == 0.0
-    tmodel.train()  # dropout p=0: deterministic, but the training code path
+    model, tmodel = build_models(args)
 
     tcfg = train_block(args)
     step = T.make_train_step(model, tcfg)
@@ -267,13 +349,19 @@ def main():
     def compare(kd_tree, torch_of):
         """Max over tensors of relative L2 error, and the worst tensor's name."""
         errs = {n: rel(a, torch_of(tparams[n]).detach().numpy()) for n, a in kd_tensors(kd_tree).items()
-                if n in tparams}
+                if n in tparams and not ZERO_GRAD.search(n)}
         worst = max(errs, key=errs.get)
         return errs[worst], worst
 
     header = f"{'step':>5} {'kd_flax':>10} {'torch':>10} {'abs diff':>10} {'rel diff':>10} {'gnorm kd':>9} {'gnorm pt':>9} {'ctrl rel':>9}"
-    print(f"T5 d_model={args.d_model} d_ff={args.d_ff} layers={args.enc_layers}+{args.dec_layers} "
-          f"heads={args.heads} d_kv={args.d_kv} vocab={args.vocab} ff={args.ff} tied={not args.untied} | "
+    if args.arch == "t5":
+        arch = (f"T5 d_model={args.d_model} d_ff={args.d_ff} layers={args.enc_layers}+{args.dec_layers} "
+                f"heads={args.heads} d_kv={args.d_kv} vocab={args.vocab} ff={args.ff} tied={not args.untied}")
+    else:
+        arch = (f"mBART d_model={args.d_model} ffn={args.d_ff} layers={args.enc_layers}+{args.dec_layers} "
+                f"heads={args.heads} vocab={args.vocab} act={args.ff} tied={not args.untied} "
+                f"scale_embedding max_pos=64")
+    print(f"{arch} | "
           f"batch={args.batch} src/tgt_len={args.src_len}/{args.tgt_len} lr={args.lr} wd={args.weight_decay} "
           f"b=({args.b1},{args.b2}) clip={args.clip} | data={'multi30k:' + args.data if args.data else 'synthetic'} "
           f"| {sum(p.numel() for p in tmodel.parameters())} params")
@@ -289,6 +377,8 @@ def main():
             opt.zero_grad(set_to_none=True)
             torch_loss(tmodel, tb).backward()
             grad_err, grad_worst = compare(g, lambda p: p.grad)
+            zero_g = [(float(np.linalg.norm(a)), float(tparams[n].grad.norm())) for n, a in kd_tensors(g).items()
+                      if ZERO_GRAD.search(n)]
             del g
 
         t0 = time.perf_counter()
@@ -320,7 +410,7 @@ def main():
     final_err, final_worst = compare(state.params, lambda p: p)
     if ctrl is not None:  # the control's own parameter drift from kd_flax, same metric
         ctrl_t = kd_tensors(ctrl.params)
-        ctrl_t = {n: rel(ctrl_t[n], a) for n, a in kd_tensors(state.params).items()}
+        ctrl_t = {n: rel(ctrl_t[n], a) for n, a in kd_tensors(state.params).items() if not ZERO_GRAD.search(n)}
         ctrl_worst = max(ctrl_t, key=ctrl_t.get)
     r = np.array(rows)
     last = r[-min(20, len(r)):]
@@ -331,6 +421,9 @@ def main():
     print()
     print(f"first batch: loss rel diff {r[0, 4]:.2e}; grads max rel L2 err {grad_err:.2e} ({grad_worst}); "
           f"params after 1 update max rel L2 err {upd_err:.2e} ({upd_worst})")
+    if zero_g:
+        print(f"  (skipped: {len(zero_g)} k_proj.bias tensors, exact gradient 0; their max |grad| "
+              f"kd_flax {max(k for k, _ in zero_g):.1e}, torch {max(t for _, t in zero_g):.1e})")
     print(f"params after {len(r)} steps: max rel L2 err {final_err:.2e} ({final_worst})")
     print(f"loss rel diff: max over curve {r[:, 4].max():.2e} (step {int(r[r[:, 4].argmax(), 0])}), "
           f"max over first {len(early)} steps {early[:, 4].max():.2e}")
