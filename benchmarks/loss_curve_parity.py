@@ -20,9 +20,8 @@ T5 (`save_pretrained`, then `from_pretrained` with no missing/unexpected keys). 
 training-time differences between the libraries are removed on the torch side, so the
 comparison is exact and measures kd_flax's *own* behaviour:
   * `final_logits_bias`: transformers registers it as a buffer (never trained); kd_flax
-    makes it a Param that is trained and, since `train.decay_mask` only exempts leaves
-    named exactly `bias` (and norms), also weight-decayed. The torch copy is turned into
-    an `nn.Parameter` that the same name rule puts in the decay group.
+    makes it a Param that is trained (like every bias, without weight decay). The torch
+    copy is turned into an `nn.Parameter` that the same name rule exempts from decay.
   * the pad row of the token embedding: transformers' `nn.Embedding(padding_idx=pad)` gives
     the looked-up pad row no gradient; kd_flax's lookup does (here it matters: pad is also
     the decoder start token, so every target's first input is that row). torch's
@@ -202,9 +201,9 @@ def train_block(args):
 
 
 def hf_no_decay(name: str) -> bool:
-    """kd_flax.train.decay_mask's rule on an HF tensor name: biases and any *norm* are exempt."""
+    """kd_flax.train.decay_mask's rule on an HF tensor name: biases (`*bias`) and any *norm* are exempt."""
     parts = name.split(".")
-    return parts[-1] == "bias" or any("norm" in p for p in parts)
+    return parts[-1].endswith("bias") or any("norm" in p for p in parts)
 
 
 def torch_optimizer(tmodel, args):

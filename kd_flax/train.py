@@ -55,10 +55,11 @@ class TrainState:
 
 
 def decay_mask(params):
-    """True where weight decay applies: not on biases nor on any norm's params."""
+    """True where weight decay applies: not on biases (`bias`, BART's `final_logits_bias`)
+    nor on any norm's params."""
     def keep(path, _):
         names = path_str(path).split("/")
-        return not (names[-1] == "bias" or any("norm" in n for n in names))
+        return not (names[-1].endswith("bias") or any("norm" in n for n in names))
     return jax.tree_util.tree_map_with_path(keep, params)
 
 

@@ -437,3 +437,19 @@ def test_bfloat16_compute_step():
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
     assert np.isfinite(out["bf16"]) and out["bf16"] != out["fp32"]
     np.testing.assert_allclose(out["bf16"], out["fp32"], rtol=3e-2)
+
+
+def test_decay_mask_exempts_every_bias_and_norm():
+    """BART's `final_logits_bias` is a bias: no weight decay on it (HF trains it as a buffer
+    it never decays), nor on `bias` leaves or norms; kernels and embeddings decay."""
+    from flax import nnx
+
+    from kd_flax import models
+    model = models.create_model(models.tiny_config("mbart", vocab_size=50), nnx.Rngs(0))
+    mask = T.decay_mask(nnx.state(model, nnx.Param))
+    flat = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    assert any("final_logits_bias" in k for k in flat)
+    for k, v in flat.items():
+        exempt = k.split("/")[-1].endswith("bias") or "norm" in k
+        assert v == (not exempt), k
+    assert any(v for k, v in flat.items() if "embed" in k or "shared" in k)
