@@ -240,12 +240,16 @@ def kd_config(args):
                                   decoder_layers=args.dec_layers, relative_attention_num_buckets=32,
                                   relative_attention_max_distance=128, feed_forward_proj=args.ff,
                                   dropout_rate=0.0, **overrides)
-    # The multi30k recipe's `model(...)` dict, through the recipe's own path (config_from_dict).
-    d = dict(model_type="mbart", vocab_size=args.vocab, d_model=args.d_model, encoder_layers=args.enc_layers,
-             decoder_layers=args.dec_layers, encoder_attention_heads=args.heads,
-             decoder_attention_heads=args.heads, encoder_ffn_dim=args.d_ff, decoder_ffn_dim=args.d_ff,
-             activation_function=args.ff, scale_embedding=True, max_position_embeddings=64, dropout=0.0,
-             forced_eos_token_id=None,
+    # The multi30k recipe's own model dict (configs/multi30k_enfr.py `model_dict`), at this size,
+    # through the recipe's own path (config_from_dict).
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "multi30k_enfr", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                      "configs", "multi30k_enfr.py"))
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    d = dict(recipe.model_dict("mbart", args.d_model, args.enc_layers, args.dec_layers, args.heads, args.d_ff, 0.0),
+             vocab_size=args.vocab, activation_function=args.ff,
              attention_dropout=0.0, activation_dropout=0.0,  # BartConfig's defaults; explicit here
              pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=START, bos_token_id=0)
     if args.untied:

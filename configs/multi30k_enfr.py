@@ -23,6 +23,7 @@ quantization, SeqKD + cached teacher top-8 (`teacher=cached`), SeqKD → on-poli
 """
 
 import copy
+import functools
 
 from kd_flax import config_base
 
@@ -86,15 +87,7 @@ def get_config(arg=None):
     if arch not in ARCHS:
         raise ValueError(f"configs/multi30k_enfr.py: arch={arch!r}; allowed: {list(ARCHS)}")
 
-    def model(d, layers, dec_layers, heads, ff, dropout):
-        if arch == "t5":  # untied: T5's std-1 input embedding would also be the output layer
-            return dict(model_type="t5", feed_forward_proj="relu", tie_word_embeddings=False, vocab_size=0,
-                        d_model=d, d_ff=ff, num_layers=layers, num_decoder_layers=dec_layers,
-                        num_heads=heads, d_kv=d // heads, dropout_rate=dropout)
-        return dict(model_type="mbart", vocab_size=0, d_model=d, encoder_layers=layers,
-                    decoder_layers=dec_layers, encoder_attention_heads=heads, decoder_attention_heads=heads,
-                    encoder_ffn_dim=ff, decoder_ffn_dim=ff, activation_function="relu", scale_embedding=True,
-                    max_position_embeddings=64, dropout=dropout, forced_eos_token_id=None)
+    model = functools.partial(model_dict, arch)
 
     if size == "gpu":
         c.teacher.model = model(512, 6, 6, 8, 2048, 0.1)
@@ -180,6 +173,19 @@ def get_config(arg=None):
                                              {"seed": c.seed + k, "distill": {"on_policy": {"seed": k}}})
             c.variants[f"{name}_seed{c.seed + k}"] = seeded
     return c
+
+
+def model_dict(arch: str, d: int, layers: int, dec_layers: int, heads: int, ff: int, dropout: float) -> dict:
+    """The recipe's model of `arch` at one size (`vocab_size` 0: the tokenizer's); also what
+    benchmarks/loss_curve_parity.py --arch mbart compares against transformers."""
+    if arch == "t5":  # untied: T5's std-1 input embedding would also be the output layer
+        return dict(model_type="t5", feed_forward_proj="relu", tie_word_embeddings=False, vocab_size=0,
+                    d_model=d, d_ff=ff, num_layers=layers, num_decoder_layers=dec_layers,
+                    num_heads=heads, d_kv=d // heads, dropout_rate=dropout)
+    return dict(model_type="mbart", vocab_size=0, d_model=d, encoder_layers=layers,
+                decoder_layers=dec_layers, encoder_attention_heads=heads, decoder_attention_heads=heads,
+                encoder_ffn_dim=ff, decoder_ffn_dim=ff, activation_function="relu", scale_embedding=True,
+                max_position_embeddings=64, dropout=dropout, forced_eos_token_id=None)
 
 
 def _suffix(d: str) -> str:

@@ -7,7 +7,6 @@ Families register themselves into the :mod:`kd_flax.models.hf` registry on impor
 from __future__ import annotations
 
 import dataclasses
-
 import importlib
 
 from flax import nnx
