@@ -536,3 +536,38 @@ def test_fused_kd_kl_under_a_data_sharded_mesh():
     for g, w in zip(grads, want_g):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
     assert "all-gather" not in hlo and "all-to-all" not in hlo
+
+
+def _autodiff_cross_entropy(s, labels, w, eps, smoothing):
+    """The smoothed CE written the obvious way (an independent copy of the formula)."""
+    w = jnp.asarray(w, jnp.float32) * (labels >= 0)
+    x = jnp.where((w != 0)[..., None], s.astype(jnp.float32), 0.0)
+    log_p = x - jax.nn.logsumexp(x, -1, keepdims=True)
+    nll = -jnp.take_along_axis(log_p, jnp.clip(labels, 0)[..., None], -1)[..., 0]
+    finite = x > -jnp.inf
+    n = finite.sum(-1).astype(jnp.float32)
+    smooth = jnp.where(finite, -log_p, 0.0).sum(-1)
+    if smoothing == "fairseq":
+        e = eps / jnp.maximum(n - 1, 1)
+        loss = (1 - eps - e) * nll + e * smooth
+    else:
+        loss = (1 - eps) * nll + eps / n * smooth
+    return jnp.sum(jnp.where(w != 0, loss, 0.0) * w)
+
+
+@pytest.mark.parametrize("smoothing", ["fairseq", "uniform"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_cross_entropy_gradient_equals_the_plain_formulas(eps, smoothing):
+    """With -inf vocabulary entries, a dead row of -inf, ignored (-100) labels, float weights;
+    eps also traced under jit; bfloat16 logits get a bfloat16 gradient of the same values."""
+    s, labels, w = jnp.asarray(_RS), jnp.asarray(np.where(_RMASK, _RLAB, -100)), _RMASK * 1.5
+    want = jax.grad(_autodiff_cross_entropy)(s, labels, w, eps, smoothing)
+    got = jax.grad(lambda s: L.cross_entropy(s, labels, w, label_smoothing=eps, smoothing=smoothing)[0])(s)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
+    traced = jax.jit(jax.grad(lambda s, e: L.cross_entropy(s, labels, w, label_smoothing=e, smoothing=smoothing)[0]))
+    np.testing.assert_allclose(np.asarray(traced(s, eps)), np.asarray(want), rtol=1e-5, atol=1e-7)
+    sb = jnp.nan_to_num(s, neginf=-30.0).astype(jnp.bfloat16)
+    gb = jax.grad(lambda s: L.cross_entropy(s, labels, w, label_smoothing=eps, smoothing=smoothing)[0])(sb)
+    wb = jax.grad(_autodiff_cross_entropy)(sb.astype(jnp.float32), labels, w, eps, smoothing)
+    assert gb.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(gb, np.float32), np.asarray(wb), rtol=2e-2, atol=1e-3)

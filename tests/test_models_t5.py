@@ -248,3 +248,29 @@ def test_with_config_keeps_weights_and_changes_only_the_fields():
     ids = np.array([[5, 6, 7, 1]], np.int32)
     out = dict(input_ids=ids, attention_mask=np.ones_like(ids), decoder_input_ids=ids)
     assert np.abs(np.asarray(q(**out)) - np.asarray(m(**out))).max() > 0  # the fake-quant acts
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_unembed_gradient_equals_autodiff(dtype, with_bias):
+    """`layers.unembed` writes its backward out (to keep XLA from transposing the [tokens, V]
+    cotangent); its gradients must be autodiff's of `h @ w + b`, tied through `.T` too."""
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.normal(size=(2, 3, 8)), jnp.float32)
+    emb = jnp.asarray(rng.normal(size=(11, 8)), jnp.float32)  # a tied [V, D] embedding
+    b = jnp.asarray(rng.normal(size=(11,)), jnp.float32) if with_bias else None
+    r = jnp.asarray(rng.normal(size=(2, 3, 11)), jnp.float32)
+
+    def plain(h, emb, b):
+        out = jnp.dot(h.astype(dtype), emb.T.astype(dtype), preferred_element_type=jnp.float32)
+        return jnp.sum((out if b is None else out + b) * r)
+
+    def ours(h, emb, b):
+        return jnp.sum(L.unembed(h, emb.T, b, dtype=dtype) * r)
+
+    want = jax.grad(plain, argnums=(0, 1, 2) if with_bias else (0, 1))(h, emb, b)
+    got = jax.jit(jax.grad(ours, argnums=(0, 1, 2) if with_bias else (0, 1)))(h, emb, b)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=tol, atol=tol)
