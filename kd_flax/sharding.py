@@ -52,8 +52,9 @@ def compiler_options() -> dict | None:
     On CPU, YNNPACK takes only the matmuls. Its default also fuses the element-wise and reduction
     ops around a dot into the dot's kernel (log_softmax after the LM head, say), and inside a
     decoding loop that fused kernel ran at about a third of the plain matmul's speed: beam-4
-    generation 4.3 s instead of 5.6 s per batch, the KD train step 3.06 instead of 3.39 s
-    (``benchmarks/``). None elsewhere, or when the user's XLA_FLAGS set the flag themselves.
+    generation 4.3 s instead of 5.6 s per batch (``benchmarks/``). Used for decoding and
+    scoring; train steps compile without it (see ``train.TrainStep``). None elsewhere, or when
+    the user's XLA_FLAGS set the flag themselves.
     """
     if jax.default_backend() != "cpu" or _YNN_FLAG in os.environ.get("XLA_FLAGS", ""):
         return None
