@@ -4,6 +4,9 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The CLI caches compiled programs in WORKDIR/.xla_cache by default; tests compile afresh
+# (tests/test_compile_cache.py covers the cache).
+os.environ.setdefault("KD_FLAX_COMPILATION_CACHE", "none")
 
 import jax  # noqa: E402
 

@@ -31,3 +31,14 @@ def test_second_process_reuses_the_cached_executable(tmp_path):
     assert outs[0][2], "nothing was written to the cache"
     assert outs[0][1] == 0 and outs[1][1] >= 1  # the first compiles, the second loads
     assert outs[0][0] == outs[1][0] and outs[0][2] == outs[1][2]
+
+
+def test_the_cli_caches_in_the_workdir_by_default(tmp_path):
+    from kd_flax import main
+    wd = str(tmp_path / "wd")
+    assert main.compilation_cache_dir(None, wd) == os.path.join(wd, ".xla_cache")
+    assert main.compilation_cache_dir(None, "gs://bucket/run") is None  # remote: only when asked
+    assert main.compilation_cache_dir("gs://bucket/xla", "gs://bucket/run") == "gs://bucket/xla"
+    for off in ("none", "", "off"):
+        assert main.compilation_cache_dir(off, wd) is None
+    assert main.compilation_cache_dir(str(tmp_path / "c"), wd) == str(tmp_path / "c")
