@@ -163,6 +163,8 @@ def base_config() -> ml_collections.ConfigDict:
             "store_topk": 0,  # K > 0: also store the teacher's top-K log-probs per target token
             "store_topk_target": "pseudo",  # ... of the chosen pseudo-label, or "gold" (the reference)
             "filters": {"max_length_ratio": 0.0, "min_score": -1e9, "min_ref_chrf": 0.0},
+            # also "drop_unfinished": True drops pseudo-labels that hit max_new_tokens without EOS
+            # (absent = False; not a default key, so workdirs made before it keep their hashes)
         },
         "student": {
             "init": "layer_copy",

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 OUT_SUBDIR = "generate"
 MANIFEST = "manifest.json"
 SELECT_CHOICES = ("best", "bleu", "chrf")
-FILTERS = ("max_length_ratio", "min_score", "min_ref_chrf")
+FILTERS = ("drop_unfinished", "max_length_ratio", "min_score", "min_ref_chrf")
 _GEN_KWARGS = ("max_new_tokens", "num_beams", "num_return_sequences", "length_penalty",
                "early_stopping", "do_sample", "temperature", "top_k", "top_p")
 
@@ -98,6 +98,9 @@ def validate_config(config) -> None:
         if v is not None and not (isinstance(v, (int, float)) and v >= 0):
             problems.append(f"generate.filters.{key}: {v!r} is not allowed; allowed: a number >= 0 "
                             f"(0 or None = off)")
+    v = _get(filters, "drop_unfinished")
+    if v is not None and not isinstance(v, bool):
+        problems.append(f"generate.filters.drop_unfinished: {v!r} is not allowed; allowed: True, False")
     v = _get(filters, "min_score")
     if v is not None and not isinstance(v, (int, float)):
         problems.append(f"generate.filters.min_score: {v!r} is not allowed; allowed: a number or None")
@@ -225,8 +228,12 @@ def select_candidate(hyps: list[str], scores: list[float], ref: str | None, sele
     return order[int(np.argmax(sim))]  # argmax takes the first maximum
 
 
-def apply_filters(rec: dict, n_src_tokens: int, n_hyp_tokens: int, filters) -> tuple[str, float] | None:
-    """``(reason, value)`` of the first filter that drops ``rec``, or None to keep it."""
+def apply_filters(rec: dict, n_src_tokens: int, n_hyp_tokens: int, filters,
+                  unfinished: bool = False) -> tuple[str, float] | None:
+    """``(reason, value)`` of the first filter that drops ``rec``, or None to keep it.
+    ``unfinished``: the hypothesis reached ``generate.max_new_tokens`` without EOS."""
+    if unfinished and _get(filters, "drop_unfinished"):
+        return "drop_unfinished", float(n_hyp_tokens)
     ratio_max = _get(filters, "max_length_ratio")
     if ratio_max:
         s, h = max(n_src_tokens, 0), max(n_hyp_tokens, 0)
@@ -529,7 +536,8 @@ def _run_shard(config, shard, examples, translator, tokenizer, boundaries, pad_i
             if g.write_nbest:
                 rec.update(hyps=hyps, scores=sc, sum_logprobs=[float(x) for x in sum_lp[i]])
             n_src = src_counts[batch["rows"][i]] if src_counts is not None else 0
-            verdict = apply_filters(rec, n_src, lengths[k * n_ret + choice], g.filters)
+            verdict = apply_filters(rec, n_src, lengths[k * n_ret + choice], g.filters,
+                                    unfinished=bool(hit_max[i, choice]))
             if verdict is None:
                 records[ex.id] = rec
             else:

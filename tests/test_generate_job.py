@@ -116,7 +116,7 @@ def config(d, **gen):
     c.data.bucket_boundaries = (4, 8, 16)
     c.generate.write_nbest = True
     for k, v in gen.items():
-        if k in ("max_length_ratio", "min_score", "min_ref_chrf"):
+        if k in ("drop_unfinished", "max_length_ratio", "min_score", "min_ref_chrf"):
             c.generate.filters[k] = v
         else:
             c.generate[k] = v
@@ -371,6 +371,27 @@ def test_outputs_that_hit_max_new_tokens_are_counted(setup, reference_run, tmp_p
     assert sum(io_utils.read_json(tmp_path / "generate" / f"{n}.stats.json")["hit_max_new_tokens"]
                for n in m["shards"]) == hit
     assert f"{hit} of 42 pseudo-labels" in caplog.text and "max_new_tokens without EOS" in caplog.text
+
+
+def test_drop_unfinished_drops_exactly_the_outputs_without_eos(setup, tmp_path):
+    """filters.drop_unfinished: a pseudo-label that hit max_new_tokens without EOS (a loop) is
+    dropped with reason drop_unfinished; every finished one is kept."""
+    d, good = setup
+    m = G.run(config(d, max_new_tokens=6, drop_unfinished=True), tmp_path, generate_fn=fake_generate,
+              load_fn=make_loader(), progress=False)
+    long = {i for i, (src, _) in good.items() if len(src.split()) >= 6}  # the fake copies the source
+    assert 0 < len(long) < len(good)
+    assert {r["id"] for r in records(tmp_path)} == set(good) - long
+    dropped = [json.loads(ln) for n in m["dropped_files"] for ln in open(tmp_path / "generate" / n)]
+    assert {r["id"] for r in dropped} == long and {r["reason"] for r in dropped} == {"drop_unfinished"}
+    assert m["counts"]["dropped"] == {"drop_unfinished": len(long)}
+    assert m["counts"]["hit_max_new_tokens"] == len(long)
+
+
+def test_drop_unfinished_must_be_a_bool(setup, tmp_path):
+    d, _ = setup
+    with pytest.raises(ValueError, match=r"generate.filters.drop_unfinished: 'yes' is not allowed; allowed: True, False"):
+        G.run(config(d, drop_unfinished="yes"), tmp_path, generate_fn=fake_generate, load_fn=make_loader())
 
 
 def test_progress_lines_without_a_bar(setup, tmp_path, caplog, monkeypatch):
