@@ -163,8 +163,8 @@ def base_config() -> ml_collections.ConfigDict:
             "store_topk": 0,  # K > 0: also store the teacher's top-K log-probs per target token
             "store_topk_target": "pseudo",  # ... of the chosen pseudo-label, or "gold" (the reference)
             "filters": {"max_length_ratio": 0.0, "min_score": -1e9, "min_ref_chrf": 0.0},
-            # also "drop_unfinished": True drops pseudo-labels that hit max_new_tokens without EOS
-            # (absent = False; not a default key, so workdirs made before it keep their hashes)
+            # also "drop_unfinished" (OPTIONAL_KEYS): True drops pseudo-labels that hit
+            # max_new_tokens without EOS
         },
         "student": {
             "init": "layer_copy",
@@ -477,10 +477,15 @@ def _stage_optimizer_problems(i: int, opt, base: dict, choices: dict) -> list[st
     return out
 
 
+# Keys a config may set that base_config() leaves out, with the default their absence means:
+# added after workdirs existed, so the stage records (hashes) of configs without them stay as they were.
+OPTIONAL_KEYS = {"generate.filters.drop_unfinished": False}
+
+
 def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> None:
     """Check keys, types, choices, ranges and paths; raise one ConfigError listing all problems."""
     cfg = config.to_dict()
-    base = _flatten(base_config().to_dict())
+    base = dict(_flatten(base_config().to_dict()), **OPTIONAL_KEYS)
     flat = _flatten(cfg)
     problems: list[str] = []
     from kd_flax.objectives import KD_LOSSES
@@ -492,7 +497,7 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
             siblings = sorted(k.rsplit(".", 1)[-1] for k in base
                               if (k.rsplit(".", 1)[0] if "." in k else "") == parent)
             problems.append(f"{key}: unknown key; allowed keys here: {siblings}")
-    for key in sorted(set(base) - set(flat)):
+    for key in sorted(set(base) - set(flat) - set(OPTIONAL_KEYS)):
         problems.append(f"{key}: missing (recipes must start from kd_flax.config_base.base_config())")
 
     for key, value in flat.items():

@@ -84,6 +84,19 @@ def test_validation_names_key_and_allowed_values():
     assert "teacher.path: path '/nonexistent/teacher' does not exist" in msg
 
 
+def test_optional_keys_validate_and_typos_are_refused():
+    """generate.filters.drop_unfinished is not in base_config() (older workdirs keep their stage
+    hashes) but a recipe may set it; a misspelling is still an unknown key."""
+    c = load_recipe("demo_cpu", "tiny")
+    assert "drop_unfinished" not in c.generate.filters
+    with c.unlocked():
+        c.generate.filters.drop_unfinished = True
+    config_base.validate(c, check_paths=False)
+    with c.unlocked():
+        c.generate.filters.drop_unfinishd = True
+    assert "generate.filters.drop_unfinishd: unknown key" in _errors(c)
+
+
 def test_validation_cross_keys():
     c = load_recipe("demo_cpu", "tiny")
     with c.unlocked():
