@@ -425,8 +425,9 @@ def _finish(out_dir, base, report, n_examples) -> dict:
                                           if counts["generated"] else 0.0)
     if counts["hit_max_new_tokens"]:
         log.warning("generate: %d of %d pseudo-labels (%.1f%%) hit generate.max_new_tokens without "
-                    "EOS (runaway loops or too short a limit); generate.filters.max_length_ratio "
-                    "drops those much longer than their source", counts["hit_max_new_tokens"],
+                    "EOS (runaway loops or too short a limit); generate.filters.drop_unfinished "
+                    "drops them all, max_length_ratio those much longer than their source (dropped: "
+                    "see counts.dropped)", counts["hit_max_new_tokens"],
                     counts["generated"], 100 * counts["hit_max_new_tokens_share"])
     manifest = dict(base, status="done", counts=counts, dropped_files=dropped_files,
                     generate_seconds=round(seconds, 3), updated=time.time())
