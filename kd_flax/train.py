@@ -536,27 +536,6 @@ def train(step_fn: TrainStep, state: TrainState, cfg, *, workdir: str, batches: 
     it = batches(start)
     t0, n_win, n_tok = time.perf_counter(), 0, 0  # steps and target tokens since the last log
     t_start, tok_total = t0, 0
-    pending: list = []  # (step, metrics on the device) not read yet
-    streak = int(jax.device_get(state.nan_streak))  # consecutive skipped steps, as state.nan_streak
-
-    def read_metrics(keep: int):
-        nonlocal streak
-        while len(pending) > keep:
-            at, m = pending.pop(0)
-            m = jax.device_get(m)
-            losses_run.append(float(m["loss"][0]))
-            for k, (s, n) in m.items():
-                w = window.setdefault(k, [0.0, 0.0])
-                w[0] += float(s)
-                w[1] += float(n)
-            streak = streak + 1 if float(m["nan_skipped"][0]) > 0 else 0
-            if streak >= max_nan:
-                mgr.wait_until_finished()
-                raise NonFiniteLoss(
-                    f"{streak} consecutive steps had a non-finite loss or gradient (max_nan_steps="
-                    f"{max_nan}); stopped at step {at}. Lower the learning rate, use float32 "
-                    f"(dtype), or check the data; the last good checkpoint is in {mgr.directory}")
-
     try:
         with _Preemption() as pre:
             for step in range(start, total):
@@ -566,13 +545,21 @@ def train(step_fn: TrainStep, state: TrainState, cfg, *, workdir: str, batches: 
                 n_b = target_tokens(batch)
                 n_win, n_tok, tok_total = n_win + 1, n_tok + n_b, tok_total + n_b
                 state, m = step_fn(state, batch, teacher_params)
+                m = jax.device_get(m)
+                losses_run.append(float(m["loss"][0]))
+                for k, (s, n) in m.items():
+                    w = window.setdefault(k, [0.0, 0.0])
+                    w[0] += float(s)
+                    w[1] += float(n)
                 done = step + 1
-                pending.append((done, m))
                 bar.update(1)
-                # Read step done-1's metrics now and step done's after the next dispatch, so the
-                # host prepares the next batch while the device runs this step. All are read
-                # before a log line, a checkpoint's step is exact either way.
-                read_metrics(0 if (done % log_every == 0 or done == total or pre.requested) else 1)
+                streak = int(jax.device_get(state.nan_streak))
+                if streak >= max_nan:
+                    mgr.wait_until_finished()
+                    raise NonFiniteLoss(
+                        f"{streak} consecutive steps had a non-finite loss or gradient (max_nan_steps="
+                        f"{max_nan}); stopped at step {done}. Lower the learning rate, use float32 "
+                        f"(dtype), or check the data; the last good checkpoint is in {mgr.directory}")
                 if done % log_every == 0 or done == total:
                     means = {k: losses.mean((np.float32(s), np.float32(n))) for k, (s, n) in window.items()}
                     el = max(time.perf_counter() - t0, 1e-9)
@@ -613,7 +600,6 @@ def train(step_fn: TrainStep, state: TrainState, cfg, *, workdir: str, batches: 
                     log(f"SIGTERM: checkpoint saved at step {done} in {mgr.directory}; exiting")
                     preempted = True
                     break
-            read_metrics(0)
     finally:
         bar.close()
         mgr.wait_until_finished()

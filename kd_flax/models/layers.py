@@ -162,7 +162,7 @@ def _unembed_bwd(dtype_name, res, g):
     # and kept there (the barrier) before a tied head transposes it into the [V, D] embedding.
     # Otherwise XLA folds that transpose into the dot as g^T @ h and first writes the
     # [tokens, V] cotangent transposed, fused with the loss's backward, in a cache-hostile
-    # order: 50 of a 210 ms Multi30k student step on CPU (benchmarks/train_speed.py).
+    # order: 50 of a 210 ms Multi30k student step on CPU (benchmarks/multi30k_step.py).
     h, w, b = res
     dt = jnp.dtype(dtype_name)
     gd = g.astype(dt)
