@@ -157,6 +157,11 @@ def _live_rows(x, w):
     return jnp.where((w != 0)[..., None], x.astype(_F32), 0.0)
 
 
+def _scaled(x, temperature):
+    """``x / T``, and ``x`` itself at T = 1 (so XLA can share it with CE's log-softmax)."""
+    return x if isinstance(temperature, numbers.Number) and temperature == 1 else x / temperature
+
+
 def _log_softmax(x):
     # logsumexp copes with -inf entries (as long as one entry per row is finite).
     return x - jax.nn.logsumexp(x, axis=-1, keepdims=True)
@@ -361,8 +366,8 @@ def topk_kd(student_logits, teacher_topk_logprobs, teacher_topk_ids, mask=None, 
                 f"teacher_topk_ids must be in [0, {vocab}) (the vocab size of student_logits) "
                 f"where teacher_topk_logprobs is finite; found id {int(found[0])}"
             )
-    log_q = _log_softmax(_live_rows(s, w) / temperature)
-    log_p = _log_softmax(_live_rows(jax.lax.stop_gradient(lp), w) / temperature)
+    log_q = _log_softmax(_scaled(_live_rows(s, w), temperature))
+    log_p = _log_softmax(_scaled(_live_rows(jax.lax.stop_gradient(lp), w), temperature))
     log_q_k = jnp.take_along_axis(log_q, jnp.clip(ids, 0, vocab - 1), axis=-1)
     per = temperature**2 * _kl_terms(log_p, log_q_k)
     per = jnp.where(jnp.any(out_of_range & (log_p > _NEG_INF), axis=-1), jnp.nan, per)

@@ -258,6 +258,10 @@ def loss_terms(student, batch, teacher=None, *, spec: LossSpec, layer_map=None,
         t_logits, t_enc, t_dec = forward(teacher, batch, hidden=hidden, attn=attn, logits_hidden=fused)
         t_out = dataclasses.replace(t_out, logits=jax.lax.stop_gradient(t_logits))
     if spec.kd_weight > 0:
+        # Word-level KD skips the positions CE ignores (negative label ids, HF's -100). Written
+        # as `cross_entropy` writes its own weights, so that XLA sees one masked log-softmax of
+        # the student's logits where CE and KD both need it, not two passes over [tokens, V].
+        tok_w = tok_w * (labels >= 0)
         if fused:
             w_s, b_s = student.unembedding()
             w_t, b_t = teacher.unembedding()

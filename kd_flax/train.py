@@ -211,7 +211,7 @@ class TrainStep:
 
     def _build(self, state, teacher_params):
         if self.mesh is None:
-            self._jitted = jax.jit(self._fn, donate_argnums=(0,))
+            self._jitted = jax.jit(self._fn, donate_argnums=(0,), compiler_options=sharding.train_compiler_options())
             return
 
         st_sh = state_shardings(state, self.mesh, self.rules)
@@ -220,7 +220,8 @@ class TrainStep:
                 else sharding.param_shardings(teacher_params, self.mesh, self.rules))
         rep = _replicated(self.mesh)
         self._jitted = jax.jit(self._fn, in_shardings=(st_sh, self._batch_sh, t_sh),
-                               out_shardings=(st_sh, rep), donate_argnums=(0,))
+                               out_shardings=(st_sh, rep), donate_argnums=(0,),
+                               compiler_options=sharding.train_compiler_options())
 
     def __call__(self, state, batch, teacher_params=None):
         if self._jitted is None:

@@ -226,7 +226,9 @@ def test_unembedding_override_keeps_the_head(tied):
     dec = np.full((2, 3), 5, np.int32)
     own, _ = model.decode(dec, enc)
     over, _ = model.decode(dec, enc, unembedding=model.unembedding())
-    np.testing.assert_array_equal(np.asarray(over), np.asarray(own))
+    # A tied head's own logits multiply by the [V, D] embedding as stored, the override by its
+    # [D, V] copy: the same sums, maybe in another order.
+    np.testing.assert_allclose(np.asarray(over), np.asarray(own), rtol=1e-5, atol=1e-6)
 
 
 def test_with_config_keeps_weights_and_changes_only_the_fields():
@@ -251,6 +253,24 @@ def test_with_config_keeps_weights_and_changes_only_the_fields():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_dot_gradient_equals_autodiff(dtype):
+    """`layers.dense_dot` (every Dense's matmul) writes its backward out, to keep the kernel's
+    gradient in the kernel's layout; its values and gradients must be autodiff's of `x @ k`."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 3, 8)), dtype)
+    k = jnp.asarray(rng.normal(size=(8, 5)), dtype)
+    r = jnp.asarray(rng.normal(size=(2, 3, 5)), dtype)
+    plain = lambda x, k: jnp.sum((jnp.dot(x, k) * r).astype(jnp.float32))  # noqa: E731
+    ours = lambda x, k: jnp.sum((L.dense_dot(x, k) * r).astype(jnp.float32))  # noqa: E731
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(jax.jit(L.dense_dot)(x, k), np.float32),
+                               np.asarray(jnp.dot(x, k), np.float32), rtol=tol, atol=tol)
+    for got, want in zip(jax.jit(jax.grad(ours, argnums=(0, 1)))(x, k), jax.grad(plain, argnums=(0, 1))(x, k)):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_unembed_gradient_equals_autodiff(dtype, with_bias):
     """`layers.unembed` writes its backward out (to keep XLA from transposing the [tokens, V]
@@ -265,12 +285,19 @@ def test_unembed_gradient_equals_autodiff(dtype, with_bias):
         out = jnp.dot(h.astype(dtype), emb.T.astype(dtype), preferred_element_type=jnp.float32)
         return jnp.sum((out if b is None else out + b) * r)
 
-    def ours(h, emb, b):
+    def ours(h, emb, b):  # the head as [D, V]
         return jnp.sum(L.unembed(h, emb.T, b, dtype=dtype) * r)
 
-    want = jax.grad(plain, argnums=(0, 1, 2) if with_bias else (0, 1))(h, emb, b)
-    got = jax.jit(jax.grad(ours, argnums=(0, 1, 2) if with_bias else (0, 1)))(h, emb, b)
+    def ours_vocab_major(h, emb, b):  # the embedding as stored, [V, D]
+        return jnp.sum(L.unembed(h, emb, b, dtype=dtype, vocab_major=True) * r)
+
+    argnums = (0, 1, 2) if with_bias else (0, 1)
+    want = jax.grad(plain, argnums=argnums)(h, emb, b)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
-    for g, w in zip(got, want):
-        assert g.dtype == w.dtype
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=tol, atol=tol)
+    for fn in (ours, ours_vocab_major):
+        np.testing.assert_allclose(np.asarray(jax.jit(fn)(h, emb, b)), np.asarray(plain(h, emb, b)),
+                                   rtol=tol, atol=tol)
+        got = jax.jit(jax.grad(fn, argnums=argnums))(h, emb, b)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=tol, atol=tol)

@@ -160,3 +160,18 @@ def test_generate_inside_a_callers_jit():
     eager = decoding.generate(model, ids, max_new_tokens=4).sequences
     nested = jax.jit(lambda x: decoding.generate(model, x, max_new_tokens=4).sequences)(ids)
     np.testing.assert_array_equal(eager, nested)
+
+
+def test_train_compiler_options_cpu_default_and_user_override(monkeypatch):
+    """Train steps ask XLA:CPU for region-analysis copy insertion (fewer copies of the donated
+    state); XLA accepts the option on a donating jit, and the user's XLA_FLAGS win."""
+    from kd_flax import sharding
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    opts = sharding.train_compiler_options()
+    assert opts == {"xla_cpu_copy_insertion_use_region_analysis": True}
+    f = jax.jit(lambda s, g: jax.tree.map(lambda a, b: a - 0.5 * b, s, g), donate_argnums=(0,),
+                compiler_options=opts)
+    out = f({"w": jnp.ones((4, 8))}, {"w": jnp.full((4, 8), 2.0)})
+    np.testing.assert_array_equal(np.asarray(out["w"]), np.zeros((4, 8), np.float32))
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_copy_insertion_use_region_analysis=false")
+    assert sharding.train_compiler_options() is None

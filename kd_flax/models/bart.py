@@ -240,8 +240,12 @@ class BartModel(layers.GenerationConfigMixin, nnx.Module):
         return w, self.final_logits_bias[...]
 
     def _logits(self, h, unembedding=None):
-        logits = layers.unembed(layers.head_input(h, self.config), *(unembedding or self.unembedding()),
-                                dtype=self.config.dtype)
+        x = layers.head_input(h, self.config)
+        if unembedding is None and self.lm_head is None:  # tied: the [V, D] embedding as stored
+            logits = layers.unembed(x, self._decoder_embed().embedding[...], self.final_logits_bias[...],
+                                    dtype=self.config.dtype, vocab_major=True)
+        else:
+            logits = layers.unembed(x, *(unembedding or self.unembedding()), dtype=self.config.dtype)
         return sharding.constrain(logits, ("batch", "length", "vocab"))
 
     def _check_length(self, n, what):

@@ -93,10 +93,33 @@ class Dense(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         x = quantize_input(x, self.act_quant_bits, self.act_quant_granularity)
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = dense_dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+@jax.custom_vjp
+def dense_dot(x: Array, kernel: Array) -> Array:
+    """``x @ kernel`` ([..., in] @ [in, out]) whose kernel gradient ``x^T @ g`` is computed as
+    [in, out], the kernel's own layout, and kept there (the barrier): left to autodiff, XLA
+    computed many of them as ``g^T @ x`` and transposed the result, and a T5-small top-k KD
+    step took 1.17 instead of 1.13 s on a 2-core CPU (benchmarks/topk_speed.py)."""
+    return jnp.dot(x, kernel)
+
+
+def _dense_dot_fwd(x, kernel):
+    return jnp.dot(x, kernel), (x, kernel)
+
+
+def _dense_dot_bwd(res, g):
+    x, kernel = res
+    dx = jnp.dot(g, kernel.T).astype(x.dtype)
+    dk = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), (((0,), (0,)), ((), ())))
+    return dx, jax.lax.optimization_barrier(dk).astype(kernel.dtype)
+
+
+dense_dot.defvjp(_dense_dot_fwd, _dense_dot_bwd)
 
 
 def quantize_input(x: Array, bits: int | None, granularity: str = "tensor") -> Array:
@@ -141,38 +164,54 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
 
-def unembed(h: Array, w: Array, b: Array | None = None, *, dtype=jnp.float32) -> Array:
-    """LM head ``h @ w (+ b)`` with ``w`` [D, V], computed in ``dtype``, float32 logits."""
-    return _unembed(h, w, b, jnp.dtype(dtype).name)
+def unembed(h: Array, w: Array, b: Array | None = None, *, dtype=jnp.float32,
+            vocab_major: bool = False) -> Array:
+    """LM head ``h @ w (+ b)`` with ``w`` [D, V], computed in ``dtype``, float32 logits.
+
+    ``vocab_major=True``: ``w`` is [V, D] (a tied embedding, used as stored) and the logits are
+    ``h @ w.T``; its gradient is then written straight in the embedding's [V, D] layout.
+    """
+    return _unembed(h, w, b, jnp.dtype(dtype).name, bool(vocab_major))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _unembed(h, w, b, dtype_name):
+def _head_dot(h, w, vocab_major):
+    """``h @ w`` ([D, V] w) or ``h @ w.T`` ([V, D] w), float32 results."""
+    return jax.lax.dot_general(h, w, (((h.ndim - 1,), (1 if vocab_major else 0,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _unembed(h, w, b, dtype_name, vocab_major):
     dt = jnp.dtype(dtype_name)
-    logits = jnp.dot(h.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+    logits = _head_dot(h.astype(dt), w.astype(dt), vocab_major)
     return logits if b is None else logits + b.astype(jnp.float32)
 
 
-def _unembed_fwd(h, w, b, dtype_name):
-    return _unembed(h, w, b, dtype_name), (h, w, b)
+def _unembed_fwd(h, w, b, dtype_name, vocab_major):
+    return _unembed(h, w, b, dtype_name, vocab_major), (h, w, b)
 
 
-def _unembed_bwd(dtype_name, res, g):
-    # The same gradients as autodiff's; written out so that dW is computed as h^T @ g [D, V]
-    # and kept there (the barrier) before a tied head transposes it into the [V, D] embedding.
-    # Otherwise XLA folds that transpose into the dot as g^T @ h and first writes the
-    # [tokens, V] cotangent transposed, fused with the loss's backward, in a cache-hostile
-    # order: 50 of a 210 ms Multi30k student step on CPU (benchmarks/multi30k_step.py).
+def _unembed_bwd(dtype_name, vocab_major, res, g):
+    # The same gradients as autodiff's, written out so that dW is computed in w's own layout:
+    # h^T @ g [D, V], or g^T @ h [V, D] for a vocab-major (tied) w. Left to autodiff, a tied
+    # head's [D, V] gradient was transposed into the [V, D] embedding, and XLA folded that
+    # transpose into the dot by first writing the [tokens, V] cotangent transposed, fused with
+    # the loss's backward, in a cache-hostile order: 50 of a 210 ms Multi30k student step on
+    # CPU (benchmarks/multi30k_step.py). The barrier keeps a [D, V] dW from the same folding.
     h, w, b = res
     dt = jnp.dtype(dtype_name)
     gd = g.astype(dt)
-    dh = jnp.dot(gd, w.astype(dt).T, preferred_element_type=jnp.float32).astype(h.dtype)
     g2 = gd.reshape(-1, g.shape[-1])
-    dw = jax.lax.dot_general(h.reshape(-1, h.shape[-1]).astype(dt), g2, (((0,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-    dw = jax.lax.optimization_barrier(dw).astype(w.dtype)
+    h2 = h.reshape(-1, h.shape[-1]).astype(dt)
+    if vocab_major:
+        dh = jnp.dot(gd, w.astype(dt), preferred_element_type=jnp.float32).astype(h.dtype)
+        dw = jax.lax.dot_general(g2, h2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    else:
+        dh = jnp.dot(gd, w.astype(dt).T, preferred_element_type=jnp.float32).astype(h.dtype)
+        dw = jax.lax.dot_general(h2, g2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        dw = jax.lax.optimization_barrier(dw)
     db = None if b is None else jnp.sum(g.reshape(-1, g.shape[-1]), axis=0).astype(b.dtype)
-    return dh, dw, db
+    return dh, dw.astype(w.dtype), db
 
 
 _unembed.defvjp(_unembed_fwd, _unembed_bwd)

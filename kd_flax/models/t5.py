@@ -396,9 +396,11 @@ class T5Model(L.GenerationConfigMixin, nnx.Module):
     def _logits(self, h, unembedding=None):
         if self.lm_head is not None:  # untied: already [D, V], and it may fake-quantize its input
             logits = self.lm_head(h).astype(jnp.float32)
-        else:  # tied: the embedding, or the caller's copy of it laid out as [D, V]
-            logits = L.unembed(L.head_input(h, self.config), *(unembedding or self.unembedding()),
-                               dtype=self.config.dtype)
+        elif unembedding is not None:  # tied: the caller's copy laid out as [D, V]
+            logits = L.unembed(L.head_input(h, self.config), *unembedding, dtype=self.config.dtype)
+        else:  # tied: the [V, D] embedding as stored
+            logits = L.unembed(L.head_input(h, self.config), self.embed_tokens.embedding[...],
+                               dtype=self.config.dtype, vocab_major=True)
         return _sharding.constrain(logits, ("batch", "length", "vocab"))
 
     def unembedding(self):
