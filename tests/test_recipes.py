@@ -18,7 +18,7 @@ CASES = {
     "t5_enfr_seqkd": ["gold_then_seqkd"],
     "bart_dqbart": ["w2a8"],          # layer copy + word-level KD + hidden/attention MSE + ternary
     "marian_enro": ["int8"],          # SeqInter n-best selection + float then W8A8 stage
-    "multi30k_enfr": ["seqkd_wordkd_top8"],  # the teacher's stored top-8, greedy + beam rows
+    "multi30k_enfr": ["seqkd_wordkd_top8_long"],  # the teacher's stored top-8, greedy + beam rows
 }
 
 
