@@ -9,8 +9,10 @@ never built. Each variant runs in its own process, so the peak RSS (`ru_maxrss`)
 variant's alone: the online one holds the teacher's weights, the cached one does not. Also
 XLA's compiled peak of the step (arguments + outputs + temp - aliased).
 
-    python benchmarks/topk_speed.py            # full size (a few minutes on 2 cores)
+    python benchmarks/topk_speed.py            # full size (about 3 minutes on 2 cores)
     python benchmarks/topk_speed.py --small    # a quick smoke run
+
+Prints each round's two rows and the median of the rounds' speed-ups (`--rounds`, default 3).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 
@@ -70,28 +73,32 @@ def main():
     p = step_args(__doc__)
     p.add_argument("--k", type=int, default=8, help="top-k size (loss.topk / generate.store_topk)")
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--rounds", type=int, default=3, help="online/cached pairs, run alternately")
     p.add_argument("--variant", choices=("online", "cached"), help=argparse.SUPPRESS)  # the child process
     args = p.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args, args.variant)))
         return
-    rows = {}
-    for variant in ("online", "cached"):
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--variant", variant],
-                             check=True, capture_output=True, text=True).stdout
-        rows[variant] = json.loads(out.strip().splitlines()[-1])
     s_kw, t_kw = shapes(args.small)
     print(f"student d={s_kw['d_model']} {s_kw['encoder_layers']}+{s_kw['decoder_layers']}, teacher "
           f"d={t_kw['d_model']} {t_kw['encoder_layers']}+{t_kw['decoder_layers']}, vocab {s_kw['vocab_size']}, "
           f"batch {args.batch} x {args.src_len}/{args.tgt_len}, K={args.k}, fp32 CPU")
-    print(f"{'variant':<8}{'step s':>9}{'first s':>9}{'XLA peak MiB':>14}{'RSS peak MiB':>14}  loss")
-    for name, r in rows.items():
-        print(f"{name:<8}{r['step_s']:>9.3f}{r['first_s']:>9.2f}{r['xla_peak'] / MiB:>14.1f}"
-              f"{r['rss_peak'] / MiB:>14.1f}  {r['loss']:.4f}")
+    print(f"{'round':<6}{'variant':<8}{'step s':>9}{'first s':>9}{'XLA peak MiB':>14}{'RSS peak MiB':>14}  loss")
+    speedups, rows = [], {}
+    # Rounds alternate the two variants, so that a slow spell of a shared machine lands on both
+    # rather than on one; the median round's ratio is the figure.
+    for r in range(args.rounds):
+        for variant in ("online", "cached"):
+            child = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--variant", variant]
+            out = subprocess.run(child, check=True, capture_output=True, text=True).stdout
+            rows[variant] = row = json.loads(out.strip().splitlines()[-1])
+            print(f"{r + 1:<6}{variant:<8}{row['step_s']:>9.3f}{row['first_s']:>9.2f}{row['xla_peak'] / MiB:>14.1f}"
+                  f"{row['rss_peak'] / MiB:>14.1f}  {row['loss']:.4f}", flush=True)
+        speedups.append(rows["online"]["step_s"] / rows["cached"]["step_s"])
     on, ca = rows["online"], rows["cached"]
-    print(f"cached / online: step time {ca['step_s'] / on['step_s']:.3f}, XLA peak "
-          f"{ca['xla_peak'] / on['xla_peak']:.3f}, RSS peak {ca['rss_peak'] / on['rss_peak']:.3f} "
-          f"(speed-up {on['step_s'] / ca['step_s']:.2f}x)")
+    print(f"cached / online: XLA peak {ca['xla_peak'] / on['xla_peak']:.3f}, RSS peak "
+          f"{ca['rss_peak'] / on['rss_peak']:.3f}; step speed-up per round "
+          f"{', '.join(f'{x:.2f}x' for x in speedups)}, median {statistics.median(speedups):.2f}x")
 
 
 if __name__ == "__main__":

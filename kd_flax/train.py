@@ -197,11 +197,12 @@ class TrainStep:
     """`step(state, batch, teacher_params=None) -> (state, metrics)`; jitted on first call.
 
     Shardings come from the first state seen (params by logical rules, batch on the data
-    axes); the state argument is donated. Metrics are `(sum, count)` pairs. Compiled with XLA's
-    default CPU options, not `sharding.compiler_options()` (which suit decoding loops): on
-    this 2-core CPU the Multi30k teacher's step took 459 instead of 594 ms per batch of 64 x
-    16/16 tokens without them, the T5-small top-k KD step 2.45 s either way
-    (benchmarks/multi30k_step.py, benchmarks/topk_speed.py).
+    axes); the state argument is donated. Metrics are `(sum, count)` pairs. Compiled with
+    `sharding.train_compiler_options()` (XLA's default CPU fusions, region-analysis copy
+    insertion), not `sharding.compiler_options()` (which suit decoding loops): on this 2-core
+    CPU the Multi30k teacher's step took 459 instead of 594 ms per batch of 64 x 16/16 tokens
+    without those, the T5-small top-k KD step 2.45 s either way (benchmarks/multi30k_step.py,
+    benchmarks/topk_speed.py).
     """
 
     def __init__(self, fn, tx, *, mesh=None, rules=None):
