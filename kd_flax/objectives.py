@@ -261,14 +261,14 @@ def loss_terms(student, batch, teacher=None, *, spec: LossSpec, layer_map=None,
         # Word-level KD skips the positions CE ignores (negative label ids, HF's -100). Written
         # as `cross_entropy` writes its own weights, so that XLA sees one masked log-softmax of
         # the student's logits where CE and KD both need it, not two passes over [tokens, V].
-        tok_w = tok_w * (labels >= 0)
+        kd_w = tok_w * (labels >= 0)
         if fused:
             w_s, b_s = student.unembedding()
             w_t, b_t = teacher.unembedding()
-            terms["kd"] = fused_kd.fused_kd_kl(dec.logits_hidden, w_s, t_dec.logits_hidden, w_t, tok_w,
+            terms["kd"] = fused_kd.fused_kd_kl(dec.logits_hidden, w_s, t_dec.logits_hidden, w_t, kd_w,
                                              temperature=spec.temperature, student_bias=b_s, teacher_bias=b_t)
         else:
-            terms["kd"] = KD_LOSSES[spec.kd_type](logits, t_out, labels, tok_w, spec)
+            terms["kd"] = KD_LOSSES[spec.kd_type](logits, t_out, labels, kd_w, spec)
     if hidden or attn:
         if layer_map is None:
             raise ValueError("hidden/attention losses need layer_map (a student.StudentInfo)")

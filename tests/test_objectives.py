@@ -183,3 +183,26 @@ def test_row_and_token_weights():
     no_mask = {k: v for k, v in b.items() if k != "loss_mask"}  # all rows count
     np.testing.assert_array_equal(np.asarray(objectives.row_weights(no_mask)), [1, 1, 1, 1])
     np.testing.assert_array_equal(np.asarray(objectives.token_weights(no_mask)), b["decoder_attention_mask"])
+
+
+@pytest.mark.parametrize("kd_type", ["kl", "topk"])
+def test_word_kd_skips_the_positions_ce_ignores(kd_type):
+    """Labels of -100 (HF's ignore id) under a live decoder mask: CE skips those positions, and
+    word-level KD skips them too — the same terms as masking them out; the hidden-state term
+    keeps its own weights (the decoder mask)."""
+    teacher = tiny(2, 0)
+    student, info = S.make_student(teacher, 1, 1, layer_map={"encoder": [1], "decoder": [1]})
+    spec = objectives.LossSpec(ce_weight=1.0, kd_weight=0.5, kd_type=kd_type, topk=4, temperature=1.0,
+                               hidden_weight=0.5)
+    b = real_batch(2)
+    ignored = {k: v.copy() for k, v in b.items()}
+    ignored["labels"][:, 1] = -100  # position 1 is live in every row of real_batch
+    masked = {k: v.copy() for k, v in b.items()}
+    masked["loss_mask"][:, 1] = 0.0
+    t_ign = objectives.loss_terms(student, ignored, teacher, spec=spec, layer_map=info)
+    t_msk = objectives.loss_terms(student, masked, teacher, spec=spec, layer_map=info)
+    t_all = objectives.loss_terms(student, b, teacher, spec=spec, layer_map=info)
+    for k in ("ce", "kd"):
+        np.testing.assert_allclose(np.asarray(t_ign[k]), np.asarray(t_msk[k]), rtol=1e-5, err_msg=k)
+    assert float(t_ign["kd"][1]) == float(t_all["kd"][1]) - b["decoder_attention_mask"][:, 1].sum()
+    np.testing.assert_allclose(np.asarray(t_ign["hidden"]), np.asarray(t_all["hidden"]), rtol=1e-6)
