@@ -56,9 +56,14 @@ def compiler_options() -> dict | None:
     scoring; train steps compile without it (see ``train.TrainStep``). None elsewhere, or when
     the user's XLA_FLAGS set the flag themselves.
     """
-    if jax.default_backend() != "cpu" or _YNN_FLAG in os.environ.get("XLA_FLAGS", ""):
+    return _cpu_option(_YNN_FLAG, "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
+
+
+def _cpu_option(flag: str, value) -> dict | None:
+    """``{flag: value}`` on the CPU backend unless the user's XLA_FLAGS set ``flag``; else None."""
+    if jax.default_backend() != "cpu" or flag in os.environ.get("XLA_FLAGS", ""):
         return None
-    return {_YNN_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    return {flag: value}
 
 
 _REGION_FLAG = "xla_cpu_copy_insertion_use_region_analysis"
@@ -69,9 +74,7 @@ def train_compiler_options() -> dict | None:
     which proves more in-place updates of the donated state safe and so copies less of the
     optimizer state each step (T5-small top-k KD step 1.17 -> 1.09 s on a 2-core CPU,
     benchmarks/topk_speed.py). None elsewhere, or when the user's XLA_FLAGS set the flag."""
-    if jax.default_backend() != "cpu" or _REGION_FLAG in os.environ.get("XLA_FLAGS", ""):
-        return None
-    return {_REGION_FLAG: True}
+    return _cpu_option(_REGION_FLAG, True)
 
 
 def make_mesh(axes: dict[str, int], *, devices: Sequence | None = None) -> Mesh:
