@@ -547,7 +547,8 @@ def train(step_fn: TrainStep, state: TrainState, cfg, *, workdir: str, batches: 
                 n_b = target_tokens(batch)
                 n_win, n_tok, tok_total = n_win + 1, n_tok + n_b, tok_total + n_b
                 state, m = step_fn(state, batch, teacher_params)
-                m = jax.device_get(m)
+                m, streak = jax.device_get((m, state.nan_streak))  # one transfer per step
+                streak = int(streak)
                 losses_run.append(float(m["loss"][0]))
                 for k, (s, n) in m.items():
                     w = window.setdefault(k, [0.0, 0.0])
@@ -555,7 +556,6 @@ def train(step_fn: TrainStep, state: TrainState, cfg, *, workdir: str, batches: 
                     w[1] += float(n)
                 done = step + 1
                 bar.update(1)
-                streak = int(jax.device_get(state.nan_streak))
                 if streak >= max_nan:
                     mgr.wait_until_finished()
                     raise NonFiniteLoss(
